@@ -1,0 +1,142 @@
+"""The SMIT convolutional decoder (SwinUNETR-style), with optional deep-supervision heads.
+
+Module names (``encoder1..4``, ``encoder10``, ``decoder1..5``, ``out``) follow the authors' fine-tuning network so
+their weights map one to one; the normalisation is selectable (InstanceNorm as nnU-Net, BatchNorm as the
+authors).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+
+NORMS = ("instance", "batch")
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    raise ValueError(f"Unknown decoder norm {kind!r}; choose one of {NORMS}.")
+
+
+class ConvLayer(nn.Module):
+    """A bias-free Conv3d kept under ``.conv`` (the authors' key layout ``convN.conv.weight``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """conv3 -> norm -> LeakyReLU -> conv3 -> norm, plus (1x1x1 conv + norm when channels change), LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = ConvLayer(in_channels, out_channels, 3)
+        self.conv2 = ConvLayer(out_channels, out_channels, 3)
+        self.norm1 = make_norm(norm, out_channels)
+        self.norm2 = make_norm(norm, out_channels)
+        self.act = nn.LeakyReLU(negative_slope=0.01, inplace=True)
+        self.project = in_channels != out_channels
+        if self.project:
+            self.conv3 = ConvLayer(in_channels, out_channels, 1)
+            self.norm3 = make_norm(norm, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.norm3(self.conv3(x)) if self.project else x
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act(out + residual)
+
+
+class EncoderBlock(nn.Module):
+    """A residual block on a skip feature (``encoderN.layer``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        self.layer = ResBlock(in_channels, out_channels, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class TransposedConv(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class UpBlock(nn.Module):
+    """2x transposed conv, concatenate the skip (upsampled first), residual block (``decoderN``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        self.transp_conv = TransposedConv(in_channels, out_channels)
+        self.conv_block = ResBlock(2 * out_channels, out_channels, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
+
+
+class OutBlock(nn.Module):
+    """1x1x1 conv with bias to class logits (``out.conv.conv``)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = ConvLayer(in_channels, num_classes, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class SMITDecoder(nn.Module):
+    """Decoder of feature size F on the encoder's skips (F, 2F, 4F, 8F at 1/2..1/16) and bottleneck (16F at 1/32).
+
+    Attributes:
+        deep_supervision: when True, ``forward`` returns logits at [1, 1/2, 1/4, 1/8, 1/16] of the input size,
+            highest resolution first (nnU-Net toggles this attribute). The deep-supervision heads exist either way.
+    """
+
+    def __init__(self, in_channels: int, feature_size: int, num_classes: int, norm: str = "instance",
+                 deep_supervision: bool = False) -> None:
+        super().__init__()
+        f = feature_size
+        self.deep_supervision = deep_supervision
+        self.encoder1 = EncoderBlock(in_channels, f, norm)
+        self.encoder2 = EncoderBlock(f, f, norm)
+        self.encoder3 = EncoderBlock(2 * f, 2 * f, norm)
+        self.encoder4 = EncoderBlock(4 * f, 4 * f, norm)
+        self.encoder10 = EncoderBlock(16 * f, 16 * f, norm)
+        self.decoder5 = UpBlock(16 * f, 8 * f, norm)
+        self.decoder4 = UpBlock(8 * f, 4 * f, norm)
+        self.decoder3 = UpBlock(4 * f, 2 * f, norm)
+        self.decoder2 = UpBlock(2 * f, f, norm)
+        self.decoder1 = UpBlock(f, f, norm)
+        self.out = OutBlock(f, num_classes)
+        # Heads for decoder2..decoder5 outputs (1/2 .. 1/16).
+        self.ds_heads = nn.ModuleList(OutBlock(c, num_classes) for c in (f, 2 * f, 4 * f, 8 * f))
+
+    def forward(self, x_in: torch.Tensor, features: Sequence[torch.Tensor], bottleneck: torch.Tensor
+                ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        enc0 = self.encoder1(x_in)
+        enc1 = self.encoder2(features[0])
+        enc2 = self.encoder3(features[1])
+        enc3 = self.encoder4(features[2])
+        dec4 = self.encoder10(bottleneck)
+        dec3 = self.decoder5(dec4, features[3])  # 1/16
+        dec2 = self.decoder4(dec3, enc3)  # 1/8
+        dec1 = self.decoder3(dec2, enc2)  # 1/4
+        dec0 = self.decoder2(dec1, enc1)  # 1/2
+        logits = self.out(self.decoder1(dec0, enc0))
+        if not self.deep_supervision:
+            return logits
+        return [logits] + [head(t) for head, t in zip(self.ds_heads, (dec0, dec1, dec2, dec3))]

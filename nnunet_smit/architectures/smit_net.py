@@ -1,0 +1,127 @@
+"""SMITNet: the Swin-3D encoder with the SMIT convolutional decoder, plus fixed input intensity mapping."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from nnunet_smit.architectures.config import SMITConfig
+from nnunet_smit.architectures.decoder import SMITDecoder
+from nnunet_smit.architectures.swin_encoder import SwinEncoder
+
+
+class IntensityMapping(nn.Module):
+    """Map nnU-Net CT-normalised input back onto the HU window the encoder was pretrained on.
+
+    Per channel c with statistics: HU = x * std[c] + mean[c] (undoing nnU-Net's ``CTNormalization``, which clipped
+    to [clip_low, clip_high] first, so the HU inside that range is recovered exactly), then clip to ``hu_window``
+    and map linearly onto ``scaled_range``. Channels whose mean is ``None`` pass through unchanged. Everything is
+    a fixed, non-persistent buffer: no parameters, no state-dict keys.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[Optional[float]],
+        std: Sequence[Optional[float]],
+        hu_window: Tuple[float, float] = (-175.0, 250.0),
+        scaled_range: Tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError("mean and std need one entry per channel.")
+        mapped = [m is not None for m in mean]
+        self.register_buffer("mapped", torch.tensor(mapped).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor([m if m is not None else 0.0 for m in mean]).view(1, -1, 1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor([s if s is not None else 1.0 for s in std]).view(1, -1, 1, 1, 1), persistent=False
+        )
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.scaled_range = (float(scaled_range[0]), float(scaled_range[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, D, H, W) -> same shape."""
+        lo, hi = self.hu_window
+        out_lo, out_hi = self.scaled_range
+        hu = (x * self.std + self.mean).clamp(lo, hi)
+        scaled = (hu - lo) * ((out_hi - out_lo) / (hi - lo)) + out_lo
+        return torch.where(self.mapped, scaled.to(x.dtype), x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.mapped.numel()}, hu_window={self.hu_window}, scaled_range={self.scaled_range}"
+
+
+class SMITNet(nn.Module):
+    """SMIT encoder-decoder for 3D segmentation.
+
+    Args:
+        config: encoder architecture (its ``in_channels`` is replaced by ``in_channels``).
+        in_channels: input channels C_in.
+        num_classes: output channels (logits).
+        norm: decoder normalisation, ``"instance"`` (nnU-Net's default) or ``"batch"`` (the authors').
+        deep_supervision: return logits at [1, 1/2, 1/4, 1/8, 1/16]; toggled later via ``decoder.deep_supervision``.
+        feature_size: decoder width F; defaults to the encoder's ``embed_dim`` (the decoder's skips assume it).
+        input_mapping: optional fixed intensity mapping applied to the input first.
+        gradient_checkpointing: recompute encoder blocks in backward.
+
+    Input (B, C_in, D, H, W) with every axis a multiple of 32; output logits (B, num_classes, D, H, W).
+    """
+
+    def __init__(
+        self,
+        config: SMITConfig,
+        in_channels: int,
+        num_classes: int,
+        norm: str = "instance",
+        deep_supervision: bool = False,
+        feature_size: Optional[int] = None,
+        input_mapping: Optional[IntensityMapping] = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config.replace(in_channels=in_channels)
+        feature_size = feature_size or self.config.embed_dim
+        if feature_size != self.config.embed_dim:
+            raise ValueError(
+                f"The decoder's feature size must equal the encoder's embed_dim ({self.config.embed_dim}), "
+                f"got {feature_size}."
+            )
+        self.input_mapping = input_mapping
+        self.encoder = SwinEncoder(self.config, gradient_checkpointing=gradient_checkpointing)
+        self.decoder = SMITDecoder(in_channels, feature_size, num_classes, norm, deep_supervision)
+
+    @staticmethod
+    def deep_supervision_scales() -> List[List[float]]:
+        """Scale of each deep-supervision output relative to the input, highest resolution first."""
+        return [[1.0 / 2**i] * 3 for i in range(5)]
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if self.input_mapping is not None:
+            x = self.input_mapping(x)
+        enc = self.encoder(x)
+        return self.decoder(x, enc.features, enc.bottleneck)
+
+    # The authors' complete fine-tuning network --------------------------------------------------------------
+    @classmethod
+    def from_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "SMITNet":
+        """Build the authors' fine-tuning network (BatchNorm decoder) from their state dict and load it strictly.
+
+        The configuration (embed dim, depths, heads, window, MLP ratio, qkv bias, channels, classes) is inferred
+        from the tensor shapes. Raises ``nnunet_smit.errors.CheckpointError`` when keys are missing or unexpected.
+        """
+        from nnunet_smit.architectures.official import convert_official_finetune
+
+        converted, config, num_classes = convert_official_finetune(state_dict)
+        net = cls(config, config.in_channels, num_classes, norm="batch")
+        missing, unexpected = net.load_state_dict(converted, strict=False)
+        missing = [k for k in missing if not k.startswith("decoder.ds_heads.")]
+        if missing or unexpected:
+            from nnunet_smit.errors import CheckpointError
+
+            raise CheckpointError(
+                f"The authors' fine-tuning state dict does not fit: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}."
+            )
+        return net.eval()
