@@ -1,0 +1,461 @@
+"""Preprocess CT scans once into a resumable on-disk cache for pretraining.
+
+Per scan (see :func:`preprocess_ct`):
+
+1. Read with SimpleITK exactly as nnU-Net's default reader (``SimpleITKIO``) does: ``GetArrayFromImage`` gives
+   (z, y, x), the spacing is reversed to match and made positive, nothing is reoriented. Pretrained filters
+   therefore meet the same anatomy layout as at fine-tuning.
+2. Reject arrays that cannot be CT in HU: no negative value (label maps, unscaled scans).
+3. Body crop: voxels above -500 HU, largest 26-connected component, its bounding box. nnU-Net's
+   ``crop_to_nonzero`` does not apply because CT air is -1000, not 0; the largest component drops the table,
+   clothing and cables. The component is found on a view strided to about 4 mm and its box widened by one
+   stride, so the full-resolution box never cuts the body.
+4. Resample to ``target_spacing_mm`` with nnU-Net's ``resample_data_or_seg_to_shape`` and its defaults for
+   images (cubic in-plane, nearest along an axis more than 3x coarser, ``compute_new_shape`` for the shape).
+5. Clip to the HU window and scale with ``PretrainPreprocessing.scale_hu``; stored as float16 (0.2 HU steps
+   for the default window) in blosc2 ``.b2nd`` files (LZ4HC, chunks/blocks from nnU-Net's
+   ``comp_blosc2_params``), read back as float32.
+
+Scans smaller than ``min_shape`` after preprocessing are skipped with a reason, not padded: the sampler pads
+between ``min_shape`` and its crop size if it wants to, and a scan smaller than the patch carries too little
+context to be worth padding. The check is made when the manifest is assembled, so changing ``min_shape``
+recomputes nothing.
+
+Layout of a cache folder::
+
+    manifest.json   settings (preprocessing, pipeline) and the usable cases
+    skipped.json    [{"path", "reason"}] for every file or series not used
+    cases/<id>.b2nd the preprocessed array (z, y, x), float16
+    cases/<id>.json the case record; written last, so it marks the case as done
+
+Every file is written to a temporary name and moved into place with ``os.replace``; a killed build leaves
+only temporary files, which the next build removes, and it recomputes only cases without a record.
+One build per cache folder at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_smit.conventions import PretrainPreprocessing
+from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.discovery import Source, discover_sources
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+CACHE_FORMAT = "nnunet_smit.pretrain_cache"
+CACHE_VERSION = 1
+BODY_THRESHOLD_HU = -500.0
+# The body mask is analysed on a view strided to about this spacing: fast, and precise enough for a box.
+BODY_ANALYSIS_SPACING_MM = 4.0
+STORAGE_DTYPE = np.float16
+
+# Everything besides PretrainPreprocessing that decides the cached values; a cache built with other
+# settings is refused rather than silently mixed.
+PIPELINE: Dict[str, Any] = {
+    "reader": "SimpleITK GetArrayFromImage (z, y, x), spacing reversed, no reorientation (as nnU-Net SimpleITKIO)",
+    "crop": {"method": "bbox of largest connected component above threshold", "threshold_hu": BODY_THRESHOLD_HU},
+    "resampling": {"function": "nnunetv2 resample_data_or_seg_to_shape", "order": 3, "order_z": 0,
+                   "force_separate_z": None},
+    "storage": {"format": "blosc2", "dtype": "float16", "codec": "LZ4HC", "clevel": 5, "filter": "SHUFFLE"},
+}
+
+_MANIFEST = "manifest.json"
+_SKIPPED = "skipped.json"
+_CASES = "cases"
+_TMP_PREFIX = ".tmp-"
+
+
+class CaseSkipped(Exception):
+    """A scan that was read but is not usable; the message is the reason."""
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+def read_ct(source: Source) -> Tuple[np.ndarray, Tuple[float, float, float]]:
+    """Read a scan as nnU-Net does: (array float32 (z, y, x) in HU, spacing (z, y, x) in mm)."""
+    if source.kind == "dicom":
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(list(source.paths))
+        image = reader.Execute()
+    else:
+        image = sitk.ReadImage(source.paths[0])
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseSkipped(f"{image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} "
+                          f"components, a 3D scalar CT volume is expected")
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    spacing = tuple(abs(float(s)) for s in image.GetSpacing()[::-1])
+    return array, spacing
+
+
+def body_bounding_box(hu: np.ndarray, spacing: Sequence[float], threshold_hu: float = BODY_THRESHOLD_HU,
+                      analysis_spacing_mm: float = BODY_ANALYSIS_SPACING_MM) -> Optional[Tuple[slice, ...]]:
+    """Bounding box (z, y, x slices) of the largest connected component above ``threshold_hu``, or None.
+
+    Args:
+        hu: (z, y, x) array in HU.
+        spacing: (z, y, x) voxel spacing in mm.
+    """
+    from scipy import ndimage
+
+    strides = [max(1, int(analysis_spacing_mm // s)) for s in spacing]
+    mask = hu[:: strides[0], :: strides[1], :: strides[2]] > threshold_hu
+    labels, num = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if num == 0:
+        return None
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    box = ndimage.find_objects(labels)[int(np.argmax(counts)) - 1]
+    # A strided box [a, b) holds the component between full-resolution voxels (a-1)*s+1 and b*s-1.
+    return tuple(slice(max(0, (sl.start - 1) * s + 1), min(n, sl.stop * s))
+                 for sl, s, n in zip(box, strides, hu.shape))
+
+
+def preprocess_ct(hu: np.ndarray, spacing: Sequence[float],
+                  preprocessing: PretrainPreprocessing) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Crop, resample and scale one scan.
+
+    Args:
+        hu: (z, y, x) array in HU.
+        spacing: (z, y, x) spacing in mm.
+        preprocessing: target spacing, HU window and scaling, whether to crop to the body.
+
+    Returns:
+        (array float32 (z, y, x) at ``target_spacing_mm`` with values in ``scaled_range``, info dict with
+        ``crop_bbox`` [[start, stop]] x 3 in input voxels and ``cropped_shape``).
+
+    Raises:
+        CaseSkipped: the array is not CT in HU or holds no body.
+    """
+    from nnunetv2.preprocessing.resampling.default_resampling import (compute_new_shape,
+                                                                      resample_data_or_seg_to_shape)
+
+    if hu.size == 0 or float(hu.min()) >= 0:
+        raise CaseSkipped("no negative value: not a CT in Hounsfield units (a label map or an unscaled scan?)")
+    if preprocessing.foreground_crop:
+        box = body_bounding_box(hu, spacing)
+        if box is None:
+            raise CaseSkipped(f"no voxel above {BODY_THRESHOLD_HU:g} HU: no body found")
+    else:
+        box = tuple(slice(0, n) for n in hu.shape)
+    cropped = hu[box]
+    target = preprocessing.target_spacing_mm
+    new_shape = np.maximum(compute_new_shape(cropped.shape, spacing, target), 1)
+    resampled = resample_data_or_seg_to_shape(cropped[None], new_shape, spacing, target, is_seg=False,
+                                              order=PIPELINE["resampling"]["order"],
+                                              order_z=PIPELINE["resampling"]["order_z"],
+                                              force_separate_z=PIPELINE["resampling"]["force_separate_z"])[0]
+    scaled = preprocessing.scale_hu(resampled.astype(np.float32, copy=False))
+    info = {"crop_bbox": [[sl.start, sl.stop] for sl in box], "cropped_shape": list(cropped.shape)}
+    return scaled, info
+
+
+# ---------------------------------------------------------------------------------------------- one case
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _write_array_atomic(path: Path, array: np.ndarray, min_shape: Sequence[int], nthreads: int) -> None:
+    import blosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+
+    patch = [min(int(p), int(s)) for p, s in zip(min_shape, array.shape)]
+    blocks, chunks = comp_blosc2_params((1, *array.shape), patch, bytes_per_pixel=array.itemsize)
+    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
+    cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": PIPELINE["storage"]["clevel"],
+               "filters": [blosc2.Filter.SHUFFLE], "nthreads": nthreads}
+    blosc2.asarray(np.ascontiguousarray(array), urlpath=str(tmp), chunks=tuple(chunks[1:]),
+                   blocks=tuple(blocks[1:]), cparams=cparams, mode="w")
+    os.replace(tmp, path)
+
+
+def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str, Any],
+                    min_shape: Tuple[int, int, int], nthreads: int) -> Dict[str, Any]:
+    """Preprocess one source into ``cases_dir`` and return its record (runs in worker processes).
+
+    Usable and deterministically unusable scans get a record file; read failures do not, so a later build
+    tries them again (they may be transient: memory, a file being copied).
+    """
+    preprocessing = PretrainPreprocessing.from_dict(preprocessing_dict)
+    cases = Path(cases_dir)
+    record: Dict[str, Any] = {"id": source.id, "kind": source.kind, "source": source.location,
+                              "series_uid": source.series_uid, "num_files": len(source.paths)}
+    try:
+        hu, spacing = read_ct(source)
+    except CaseSkipped as e:
+        record.update(status="skipped", reason=str(e))
+        _write_json_atomic(cases / f"{source.id}.json", record)
+        return record
+    except Exception as e:  # noqa: BLE001 - any reader failure is a per-file reason, not a crash
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        record.update(status="error", reason=f"unreadable ({type(e).__name__}: {lines[-1] if lines else ''})")
+        return record
+    record.update(original_shape=list(hu.shape), original_spacing_mm=list(spacing),
+                  hu_min=float(hu.min()) if hu.size else None, hu_max=float(hu.max()) if hu.size else None)
+    try:
+        array, info = preprocess_ct(hu, spacing, preprocessing)
+    except CaseSkipped as e:
+        record.update(status="skipped", reason=str(e))
+        _write_json_atomic(cases / f"{source.id}.json", record)
+        return record
+    del hu
+    _write_array_atomic(cases / f"{source.id}.b2nd", array.astype(STORAGE_DTYPE), min_shape, nthreads)
+    record.update(status="ok", cached_shape=list(array.shape),
+                  cached_spacing_mm=list(preprocessing.target_spacing_mm), file=f"{_CASES}/{source.id}.b2nd",
+                  **info)
+    _write_json_atomic(cases / f"{source.id}.json", record)
+    return record
+
+
+def _load_record(cases: Path, case_id: str) -> Optional[Dict[str, Any]]:
+    """The finished record of a case, or None when it must be (re)computed."""
+    try:
+        with open(cases / f"{case_id}.json") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if record.get("status") == "ok" and not (cases / f"{case_id}.b2nd").is_file():
+        return None
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+def _settings(preprocessing: PretrainPreprocessing) -> Dict[str, Any]:
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocessing": preprocessing.to_dict(),
+            "pipeline": PIPELINE}
+
+
+def _normalise_json(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preprocessing: PretrainPreprocessing,
+                min_shape: Sequence[int] = (96, 96, 96), num_workers: int = 1,
+                progress: bool = False) -> "CacheIndex":
+    """Find the CT scans under ``sources_dirs`` and preprocess them into ``cache_dir`` (resumably).
+
+    Args:
+        sources_dirs: folders searched recursively (see :mod:`nnunet_smit.pretraining.discovery`);
+            a single path is accepted too.
+        cache_dir: the cache folder; created if needed. Cases already cached are not recomputed.
+        preprocessing: spacing (mm, z y x), HU window and scaling, body crop. Must match the settings a
+            cache folder was started with.
+        min_shape: (z, y, x) voxels; smaller scans after preprocessing are skipped (usually the patch size).
+        num_workers: parallel worker processes (fork server or spawn, never a fork of this process);
+            1 runs in this process.
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`CacheIndex` of the finished cache.
+
+    Raises:
+        SMITError: a source folder is missing, the cache folder was built with other settings, or nothing
+            usable was found.
+    """
+    if isinstance(sources_dirs, (str, Path)):
+        sources_dirs = [sources_dirs]
+    source_roots = [os.path.abspath(os.fspath(d)) for d in sources_dirs]
+    min_shape = tuple(int(s) for s in min_shape)
+    if len(min_shape) != 3 or min(min_shape) < 1:
+        raise SMITError(f"min_shape must be three positive integers (z, y, x), got {min_shape}.")
+    cache = Path(cache_dir).absolute()
+    cases = cache / _CASES
+    cases.mkdir(parents=True, exist_ok=True)
+    settings = _normalise_json(_settings(preprocessing))
+    manifest_path = cache / _MANIFEST
+    if manifest_path.is_file():
+        with open(manifest_path) as f:
+            existing = json.load(f)
+        if {k: existing.get(k) for k in settings} != settings:
+            raise SMITError(f"The cache folder {cache} was built with other preprocessing settings; "
+                            f"choose a new cache folder or delete this one.")
+    else:
+        _write_json_atomic(manifest_path, {**settings, "complete": False, "cases": []})
+    for folder in (cache, cases):
+        for leftover in folder.glob(f"{_TMP_PREFIX}*"):
+            leftover.unlink(missing_ok=True)
+
+    discovery = discover_sources(source_roots, exclude=[cache])
+    records: Dict[str, Dict[str, Any]] = {}
+    todo: List[Source] = []
+    for source in discovery.sources:
+        record = _load_record(cases, source.id)
+        if record is None:
+            todo.append(source)
+        else:
+            records[source.id] = record
+    logger.info("cache %s: %d scans found, %d already cached, %d to preprocess", cache, len(discovery.sources),
+                len(records), len(todo))
+    records.update(_run(todo, cases, preprocessing, min_shape, num_workers, progress))
+
+    manifest_cases: List[Dict[str, Any]] = []
+    skipped: List[Tuple[str, str]] = list(discovery.skipped)
+    for source in discovery.sources:
+        record = records[source.id]
+        if record["status"] != "ok":
+            skipped.append((record["source"], record["reason"]))
+        elif any(c < m for c, m in zip(record["cached_shape"], min_shape)):
+            skipped.append((record["source"], f"too small after preprocessing: {tuple(record['cached_shape'])} "
+                                              f"voxels (z, y, x) at {preprocessing.target_spacing_mm} mm, at least "
+                                              f"{min_shape} needed"))
+        else:
+            manifest_cases.append(record)
+    skipped.sort()
+    _write_json_atomic(cache / _SKIPPED, [{"path": p, "reason": r} for p, r in skipped])
+    if not manifest_cases:
+        if discovery.sources or discovery.skipped:
+            detail = (f"{len(skipped)} files or series were skipped, the reasons are in {cache / _SKIPPED}")
+        else:
+            detail = "the folders hold no NIfTI, NRRD, MetaImage or DICOM files"
+        raise SMITError(f"No usable CT scan found under {', '.join(source_roots)}; {detail}.")
+    manifest = {**settings, "complete": True, "source_dirs": source_roots, "min_shape": list(min_shape),
+                "cases": manifest_cases}
+    _write_json_atomic(manifest_path, manifest)
+    logger.info("cache %s: %d cases usable, %d skipped", cache, len(manifest_cases), len(skipped))
+    return CacheIndex.open(cache)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Fresh worker processes (never a fork of this one, which may run torch/OpenMP threads).
+
+    Where available a fork server imports the heavy modules (torch, via nnU-Net's resampling) once and forks
+    workers from that clean process; elsewhere workers are spawned.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__, "nnunetv2.preprocessing.resampling.default_resampling"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, min_shape: Tuple[int, int, int],
+         num_workers: int, progress: bool) -> Dict[str, Dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    results: Dict[str, Dict[str, Any]] = {}
+    if not todo:
+        return results
+    preprocessing_dict = preprocessing.to_dict()
+    bar = tqdm(total=len(todo), desc="caching CT scans", unit="scan", disable=not progress)
+    if num_workers <= 1 or len(todo) == 1:
+        for source in todo:
+            results[source.id] = _process_source(source, str(cases), preprocessing_dict, min_shape, 4)
+            bar.update()
+    else:
+        workers = min(num_workers, len(todo))
+        nthreads = max(1, min(4, (os.cpu_count() or 1) // workers))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+            futures = {pool.submit(_process_source, source, str(cases), preprocessing_dict, min_shape, nthreads):
+                       source for source in todo}
+            for future in as_completed(futures):
+                try:
+                    results[futures[future].id] = future.result()
+                except BrokenProcessPool:
+                    raise SMITError(f"A cache worker died while preprocessing {futures[future].location} (out of "
+                                    f"memory?); rerun with fewer workers, finished cases are kept.") from None
+                bar.update()
+    bar.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- index
+
+class CacheIndex:
+    """Read access to a finished cache; cheap to pickle into DataLoader workers (it holds paths and dicts).
+
+    Attributes:
+        cache_dir: the cache folder.
+        manifest: the parsed ``manifest.json``.
+        preprocessing: how the cached arrays were made.
+        case_ids: usable cases, in manifest order.
+        skipped: (path, reason) for every file or series not used.
+    """
+
+    def __init__(self, cache_dir: PathLike, manifest: Dict[str, Any], skipped: List[Tuple[str, str]]) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.manifest = manifest
+        self.preprocessing = PretrainPreprocessing.from_dict(manifest["preprocessing"])
+        self.skipped = skipped
+        self._cases = {case["id"]: case for case in manifest["cases"]}
+        self.case_ids: List[str] = [case["id"] for case in manifest["cases"]]
+
+    @classmethod
+    def open(cls, cache_dir: PathLike) -> "CacheIndex":
+        """Open a cache written by :func:`build_cache`; SMITError if there is none or it is unfinished."""
+        cache = Path(cache_dir)
+        try:
+            with open(cache / _MANIFEST) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            raise SMITError(f"No pretraining cache at {cache}; build it first (build_cache or smit_pretrain -d).")
+        if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
+            raise SMITError(f"{cache} is not a version-{CACHE_VERSION} pretraining cache; rebuild it.")
+        if not manifest.get("complete"):
+            raise SMITError(f"The pretraining cache at {cache} is unfinished; rerun the build to complete it.")
+        try:
+            with open(cache / _SKIPPED) as f:
+                skipped = [(item["path"], item["reason"]) for item in json.load(f)]
+        except (OSError, ValueError):
+            skipped = []
+        return cls(cache, manifest, skipped)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def case(self, case_id: str) -> Dict[str, Any]:
+        """The manifest record of a case (source, original spacing and shape, crop box, cached shape)."""
+        try:
+            return self._cases[case_id]
+        except KeyError:
+            raise SMITError(f"Case {case_id!r} is not in the cache at {self.cache_dir}.") from None
+
+    def shape(self, case_id: str) -> Tuple[int, int, int]:
+        """Cached array shape (z, y, x) in voxels at ``preprocessing.target_spacing_mm``."""
+        return tuple(self.case(case_id)["cached_shape"])
+
+    def path(self, case_id: str) -> Path:
+        return self.cache_dir / self.case(case_id)["file"]
+
+    def load(self, case_id: str, region: Optional[Tuple[slice, ...]] = None) -> np.ndarray:
+        """Cached array (z, y, x) as float32 in ``preprocessing.scaled_range``; ``region`` reads only a box.
+
+        Opens the file on every call (memory-mapped, one decompression thread), so it is safe in any process.
+        """
+        import blosc2
+
+        array = blosc2.open(str(self.path(case_id)), mode="r", mmap_mode="r", dparams={"nthreads": 1})
+        data = array[region if region is not None else ...]
+        return np.asarray(data, dtype=np.float32)
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-able description for checkpoint metadata."""
+        kinds = Counter(case["kind"] for case in self.manifest["cases"])
+        return {
+            "num_cases": len(self.case_ids),
+            "num_skipped": len(self.skipped),
+            "total_voxels": int(sum(math.prod(case["cached_shape"]) for case in self.manifest["cases"])),
+            "sources": list(self.manifest.get("source_dirs", [])),
+            "kinds": dict(sorted(kinds.items())),
+            "min_shape": self.manifest.get("min_shape"),
+            "preprocessing": self.preprocessing.to_dict(),
+        }
