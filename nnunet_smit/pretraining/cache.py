@@ -213,12 +213,15 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
                   hu_min=float(hu.min()) if hu.size else None, hu_max=float(hu.max()) if hu.size else None)
     try:
         array, info = preprocess_ct(hu, spacing, preprocessing)
+        del hu
+        _write_array_atomic(cases / f"{source.id}.b2nd", array.astype(STORAGE_DTYPE), min_shape, nthreads)
     except CaseSkipped as e:
         record.update(status="skipped", reason=str(e))
         _write_json_atomic(cases / f"{source.id}.json", record)
         return record
-    del hu
-    _write_array_atomic(cases / f"{source.id}.b2nd", array.astype(STORAGE_DTYPE), min_shape, nthreads)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory on one huge scan: report it, keep building
+        record.update(status="error", reason=f"preprocessing failed ({type(e).__name__}: {e})"[:300])
+        return record
     record.update(status="ok", cached_shape=list(array.shape),
                   cached_spacing_mm=list(preprocessing.target_spacing_mm), file=f"{_CASES}/{source.id}.b2nd",
                   **info)
