@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +234,9 @@ def test_load_region_reads_a_box(built):
     case_id = built.case_ids[0]
     region = (slice(1, 5), slice(2, 9), slice(3, 7))
     np.testing.assert_array_equal(built.load(case_id, region), built.load(case_id)[region])
+    # DataLoader workers receive the index pickled.
+    clone = pickle.loads(pickle.dumps(built))
+    np.testing.assert_array_equal(clone.load(case_id), built.load(case_id))
 
 
 def test_second_build_recomputes_nothing_and_a_killed_build_continues(tmp_path, monkeypatch):
