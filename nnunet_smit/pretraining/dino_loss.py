@@ -1,0 +1,73 @@
+"""DINO global-token self-distillation loss with a centred, sharpened teacher.
+
+The loss owns its center (a buffer, so it travels with ``state_dict`` into ``checkpoint_latest``) and updates it
+with an exponential moving average of the teacher's logits, averaged over all processes under data parallelism.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over all processes in place (no-op without an initialised process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+class DINOLoss(nn.Module):
+    """Cross-view cross-entropy between teacher and student global-token distributions.
+
+    For views a and b: ``mean(CE(teacher[a], student[b]), CE(teacher[b], student[a]))``, i.e. every teacher view
+    against every *other* student view.
+
+    Args:
+        out_dim: number of prototypes K.
+        student_temp: softmax temperature of the student (0.1).
+        center_momentum: EMA momentum of the teacher center (0.9).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = float(student_temp)
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """(N, K) teacher logits -> (N, K) centred, sharpened probabilities (fp32)."""
+        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    def forward(self, student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Cross-view loss.
+
+        Args:
+            student_logits: one (B, K) tensor per view.
+            teacher_probs: one (B, K) tensor per view (from :meth:`softmax_center_teacher`).
+
+        Returns:
+            scalar loss averaged over batch and view pairs.
+        """
+        total = student_logits[0].new_zeros((), dtype=torch.float32)
+        pairs = 0
+        for t_index, t in enumerate(teacher_probs):
+            for s_index, s in enumerate(student_logits):
+                if s_index == t_index:
+                    continue
+                log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
+                total = total - (t * log_p).sum(dim=-1).mean()
+                pairs += 1
+        return total / max(pairs, 1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """EMA update of the center from (N, K) teacher logits of this step, averaged over all processes."""
+        batch_center = teacher_logits.float().mean(dim=0, keepdim=True)
+        all_reduce_mean(batch_center)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)

@@ -1,0 +1,349 @@
+"""SMIT pretraining meta-architecture: student, EMA teacher, heads, mask token and the three objectives.
+
+The student sees masked views (masked patch tokens replaced by a learned ``mask_token`` after the patch embedding
+and its norm); the teacher, an exponential moving average of the student, sees the whole views. Both tap the tokens
+after the stage-2 patch merging (8C channels at 1/16 of the view, one token per 16^3 mask cube), normalise them
+(LayerNorm, eps 1e-6) and average them into a global token. Objectives:
+
+* DINO: global token of the teacher on one view vs. the student's on the other view.
+* iBOT: patch tokens of the student on masked positions vs. the teacher's on the same positions of the same view.
+* Reconstruction: the student's bottleneck (16C at 1/32) through a 1x1x1 conv and a 3D pixel shuffle back to the
+  view, L1 on masked voxels.
+
+The module knows nothing about data loading; the engine feeds it views and cube masks.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from nnunet_smit.architectures import SMITConfig, SwinEncoder
+from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.dino_loss import DINOLoss
+from nnunet_smit.pretraining.heads import DINOHead, ReconstructionHead
+from nnunet_smit.pretraining.ibot_loss import IBOTPatchLoss
+from nnunet_smit.pretraining.masking import cube_mask_to_grid
+
+# Voxels per token edge at the distillation tap: patch embedding (2) x three merges (2^3).
+TAP_STRIDE = 16
+TAP_STAGE = 2
+
+
+@dataclass
+class ObjectiveWeights:
+    """Loss weights; a weight of 0 switches the objective off (its head is not built)."""
+
+    dino: float = 0.1
+    ibot: float = 0.1
+    reconstruction: float = 1.0
+
+    def enabled(self) -> Dict[str, bool]:
+        return {"dino": self.dino > 0, "ibot": self.ibot > 0, "reconstruction": self.reconstruction > 0}
+
+
+@dataclass
+class HeadConfig:
+    """Sizes of the DINO/iBOT heads (SMIT: 2048 hidden, 256 bottleneck, 8192 prototypes, 3 layers)."""
+
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    out_dim: int = 8192
+    num_layers: int = 3
+
+
+@dataclass
+class StudentOutput:
+    """Student (or teacher) outputs for a batch of N = V*B views.
+
+    Attributes:
+        global_logits: (N, K) or None.
+        patch_logits: (M, K) logits of the M masked tap tokens, or None.
+        reconstruction: (N, C_in, D, H, W) or None (teacher: always None).
+    """
+
+    global_logits: Optional[torch.Tensor] = None
+    patch_logits: Optional[torch.Tensor] = None
+    reconstruction: Optional[torch.Tensor] = None
+
+
+def tap_tokens(merged: torch.Tensor) -> torch.Tensor:
+    """(N, 8C, d, h, w) stage-2 merge output -> (N, d*h*w, 8C) tokens in C order over (d, h, w)."""
+    return merged.flatten(2).transpose(1, 2)
+
+
+class StudentNetwork(nn.Module):
+    """Encoder, tap norm, heads and mask token of one side (student or teacher).
+
+    Args:
+        config: encoder architecture.
+        weights: which objectives are on (decides which heads exist).
+        heads: DINO/iBOT head sizes.
+        separate_patch_head: SMIT uses separate heads for global and patch tokens; False shares one.
+        with_reconstruction: build the reconstruction head (student only).
+        gradient_checkpointing: recompute encoder blocks in backward.
+    """
+
+    def __init__(
+        self,
+        config: SMITConfig,
+        weights: ObjectiveWeights,
+        heads: HeadConfig,
+        separate_patch_head: bool = True,
+        with_reconstruction: bool = True,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        tap_dim = config.stage_dims[TAP_STAGE] * 2
+        enabled = weights.enabled()
+        self.encoder = SwinEncoder(config, gradient_checkpointing=gradient_checkpointing)
+        self.tap_norm = nn.LayerNorm(tap_dim, eps=1e-6)
+        head_kwargs = dict(
+            out_dim=heads.out_dim, hidden_dim=heads.hidden_dim, bottleneck_dim=heads.bottleneck_dim,
+            num_layers=heads.num_layers,
+        )
+        self.global_head = DINOHead(tap_dim, **head_kwargs) if enabled["dino"] else None
+        self.patch_head: Optional[DINOHead] = None
+        if enabled["ibot"]:
+            # Shared head (separate_patch_head=False): _patch_head() falls back to the global head.
+            if separate_patch_head or self.global_head is None:
+                self.patch_head = DINOHead(tap_dim, **head_kwargs)
+        self.recon_head = (
+            ReconstructionHead(config.bottleneck_dim, config.in_channels, config.size_divisor)
+            if with_reconstruction and enabled["reconstruction"]
+            else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim)) if with_reconstruction else None
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.patch_head_enabled = enabled["ibot"]
+
+    def _patch_head(self) -> Optional[DINOHead]:
+        if not self.patch_head_enabled:
+            return None
+        return self.patch_head if self.patch_head is not None else self.global_head
+
+    def head_modules(self) -> List[DINOHead]:
+        return [h for h in (self.global_head, self.patch_head) if h is not None]
+
+    def forward(
+        self, views: torch.Tensor, token_mask: Optional[torch.Tensor], tap_mask: Optional[torch.Tensor]
+    ) -> StudentOutput:
+        """Run one side.
+
+        Args:
+            views: (N, C_in, D, H, W).
+            token_mask: bool (N, D/2, H/2, W/2) masked patch tokens, or None for the unmasked teacher pass.
+            tap_mask: bool (N, D/16, H/16, W/16) tap tokens whose patch logits are wanted, or None.
+        """
+        out = self.encoder(views, token_mask=token_mask, mask_token=self.mask_token if token_mask is not None else None)
+        result = StudentOutput()
+        need_tap = self.global_head is not None or self.patch_head_enabled
+        if need_tap:
+            tokens = self.tap_norm(tap_tokens(out.merged[TAP_STAGE]))
+            if self.global_head is not None:
+                result.global_logits = self.global_head(tokens.mean(dim=1))
+            patch_head = self._patch_head()
+            if patch_head is not None and tap_mask is not None:
+                result.patch_logits = patch_head(tokens[tap_mask.flatten(1)])
+        if self.recon_head is not None:
+            result.reconstruction = self.recon_head(out.bottleneck)
+        return result
+
+
+@dataclass
+class LossOutput:
+    """Total loss, its terms (floats, detached) and tensors for monitoring and previews."""
+
+    total: torch.Tensor
+    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_global_probs: Optional[torch.Tensor] = None
+    preview: Optional[Dict[str, torch.Tensor]] = None
+
+
+class SMITPretrainModel(nn.Module):
+    """Student + EMA teacher + losses of SMIT pretraining.
+
+    Args:
+        config: encoder architecture (any preset).
+        weights: objective weights; 0 switches an objective off.
+        heads: DINO/iBOT head sizes.
+        mask_cube_size: voxels per masking cube edge (16).
+        student_temp: student softmax temperature (0.1).
+        center_momentum: EMA momentum of the teacher centers (0.9).
+        separate_patch_head: separate heads for global and patch tokens (SMIT: True).
+        gradient_checkpointing: recompute student encoder blocks in backward (the teacher needs no gradients).
+    """
+
+    def __init__(
+        self,
+        config: SMITConfig,
+        weights: Optional[ObjectiveWeights] = None,
+        heads: Optional[HeadConfig] = None,
+        mask_cube_size: int = 16,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        separate_patch_head: bool = True,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.weights = weights or ObjectiveWeights()
+        heads = heads or HeadConfig()
+        enabled = self.weights.enabled()
+        if not any(enabled.values()):
+            raise SMITError("All pretraining objectives are switched off; give at least one a positive weight.")
+        self.mask_cube_size = int(mask_cube_size)
+        if TAP_STRIDE % self.mask_cube_size and self.mask_cube_size % TAP_STRIDE:
+            raise SMITError(f"mask cube size {mask_cube_size} must divide or be a multiple of {TAP_STRIDE} voxels.")
+        self.student = StudentNetwork(config, self.weights, heads, separate_patch_head, True, gradient_checkpointing)
+        self.uses_teacher = enabled["dino"] or enabled["ibot"]
+        self.teacher: Optional[StudentNetwork] = None
+        if self.uses_teacher:
+            self.teacher = self._copy_student_as_teacher()
+        self.dino_loss = DINOLoss(heads.out_dim, student_temp, center_momentum) if enabled["dino"] else None
+        self.ibot_loss = IBOTPatchLoss(heads.out_dim, student_temp, center_momentum) if enabled["ibot"] else None
+
+    def _copy_student_as_teacher(self) -> StudentNetwork:
+        """The teacher starts as an exact copy of the student (without mask token and reconstruction head)."""
+        teacher = copy.deepcopy(self.student)
+        teacher.recon_head = None
+        teacher.mask_token = None
+        teacher.encoder.set_gradient_checkpointing(False)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        return teacher
+
+    def train(self, mode: bool = True) -> "SMITPretrainModel":
+        """Only the student changes mode: the teacher always runs in eval mode (no drop path)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------------------
+    def teacher_student_pairs(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Matching (teacher, student) parameter lists for the EMA update."""
+        student_params = dict(self.student.named_parameters())
+        teacher_list, student_list = [], []
+        if self.teacher is None:
+            return teacher_list, student_list
+        for name, t in self.teacher.named_parameters():
+            teacher_list.append(t)
+            student_list.append(student_params[name])
+        return teacher_list, student_list
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, for every teacher parameter."""
+        teacher_list, student_list = self.teacher_student_pairs()
+        if not teacher_list:
+            return
+        torch._foreach_mul_(teacher_list, momentum)
+        torch._foreach_add_(teacher_list, student_list, alpha=1.0 - momentum)
+
+    def last_layer_parameters(self) -> List[nn.Parameter]:
+        """Prototype-layer parameters of the student heads (frozen in the first epoch)."""
+        return [p for head in self.student.head_modules() for p in head.last_layer_parameters()]
+
+    def cancel_last_layer_gradients(self) -> None:
+        for p in self.last_layer_parameters():
+            p.grad = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def compute_losses(
+        self,
+        views: torch.Tensor,
+        cube_masks: torch.Tensor,
+        teacher_temp: float,
+        student: Optional[Callable[..., StudentOutput]] = None,
+        update_centers: bool = True,
+        with_preview: bool = False,
+    ) -> LossOutput:
+        """Forward student and teacher and compute the weighted SMIT loss.
+
+        Args:
+            views: (B, V, C_in, D, H, W) float, V views of each of B scans.
+            cube_masks: bool (B, V, D/cube, H/cube, W/cube), True where the student's view is masked.
+            teacher_temp: current teacher temperature.
+            student: the callable that runs the student (the DDP wrapper under data parallelism); defaults to
+                ``self.student``.
+            update_centers: update the DINO/iBOT centers with this step's teacher outputs.
+            with_preview: also return the first view's input, mask and reconstruction (detached, on CPU).
+
+        Returns:
+            :class:`LossOutput` with the total loss and the unweighted terms ``dino``, ``ibot``, ``reconstruction``.
+        """
+        student = student or self.student
+        batch, num_views = views.shape[:2]
+        # View-major order: rows [v*B:(v+1)*B] hold view v of every scan.
+        x = views.transpose(0, 1).flatten(0, 1)
+        masks = cube_masks.transpose(0, 1).flatten(0, 1)
+        token_mask = cube_mask_to_grid(masks, self.mask_cube_size, self.config.patch_size)
+        tap_mask = cube_mask_to_grid(masks, self.mask_cube_size, TAP_STRIDE)
+
+        s_out = student(x, token_mask, tap_mask)
+        terms: Dict[str, torch.Tensor] = {}
+        total = x.new_zeros((), dtype=torch.float32)
+        result = LossOutput(total=total)
+
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(x, None, tap_mask)
+            if self.dino_loss is not None:
+                t_probs = self.dino_loss.softmax_center_teacher(t_out.global_logits, teacher_temp)
+                loss = self.dino_loss(s_out.global_logits.chunk(num_views), t_probs.chunk(num_views))
+                terms["dino"] = loss
+                total = total + self.weights.dino * loss
+                result.teacher_global_probs = t_probs.detach()
+                if update_centers:
+                    self.dino_loss.update_center(t_out.global_logits)
+            if self.ibot_loss is not None:
+                t_probs = self.ibot_loss.softmax_center_teacher(t_out.patch_logits, teacher_temp)
+                view_index = tap_mask.flatten(1).nonzero()[:, 0]
+                loss = self.ibot_loss(s_out.patch_logits, t_probs, view_index, x.shape[0])
+                terms["ibot"] = loss
+                total = total + self.weights.ibot * loss
+                if update_centers:
+                    self.ibot_loss.update_center(t_out.patch_logits)
+
+        if s_out.reconstruction is not None:
+            voxel_mask = cube_mask_to_grid(masks, self.mask_cube_size, 1).unsqueeze(1).expand_as(x)
+            error = (s_out.reconstruction.float() - x.float()).abs()
+            loss = error[voxel_mask].mean() if bool(voxel_mask.any()) else error.sum() * 0.0
+            terms["reconstruction"] = loss
+            total = total + self.weights.reconstruction * loss
+
+        result.total = total
+        result.terms = terms
+        if with_preview:
+            voxels = cube_mask_to_grid(masks[:1], self.mask_cube_size, 1)
+            result.preview = {
+                "input": x[0, 0].detach().float().cpu(),
+                "mask": voxels[0].cpu(),
+                "reconstruction": (
+                    s_out.reconstruction[0, 0].detach().float().cpu() if s_out.reconstruction is not None else None
+                ),
+            }
+        return result
+
+
+def teacher_collapse_stats(probs: torch.Tensor) -> Dict[str, float]:
+    """Collapse indicators of (N, K) teacher probabilities.
+
+    Returns:
+        ``entropy``: mean per-sample entropy (near log K: collapse to uniform);
+        ``marginal_entropy``: entropy of the batch-mean distribution (near 0: collapse to one prototype);
+        ``dim_std``: per-prototype standard deviation across samples, averaged (near 0: every sample alike).
+    """
+    probs = probs.float()
+    eps = 1e-12
+    entropy = -(probs * (probs + eps).log()).sum(dim=-1).mean()
+    marginal = probs.mean(dim=0)
+    marginal_entropy = -(marginal * (marginal + eps).log()).sum()
+    dim_std = probs.std(dim=0, unbiased=False).mean() if probs.shape[0] > 1 else probs.new_zeros(())
+    return {"entropy": float(entropy), "marginal_entropy": float(marginal_entropy), "dim_std": float(dim_std)}
