@@ -1,0 +1,856 @@
+"""Training engine of SMIT pretraining: one process or many (DDP via ``torchrun``), resumable.
+
+:func:`run_pretraining` is what ``smit_pretrain`` calls: it sets up the process group from torchrun's environment,
+builds (rank 0) or waits for the preprocessed cache, trains with :class:`PretrainTrainer` and exports the encoder.
+:class:`PretrainTrainer` trains on any :class:`~nnunet_smit.pretraining.sampler.VolumeSource`.
+
+Output folder:
+    ``pretrain_config.json``   the :class:`PretrainConfig` of the run (plus encoder config and data summary)
+    ``checkpoint_latest.pt``   everything needed to resume, written atomically (torch.load(weights_only=True))
+    ``log.jsonl``              one JSON record per logged step: every loss term, lr, wd, momentum, teacher
+                               temperature and collapse indicators, throughput, memory
+    ``plots/``                 loss curves and per-epoch reconstruction previews (PNG)
+    ``smit_encoder_teacher.pt``  the exported encoder (``_student`` with ``export="student"``)
+    ``run_summary.json``       what the export's metadata summary holds
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import random
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from nnunet_smit.architectures import SMITConfig
+from nnunet_smit.conventions import PretrainPreprocessing
+from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.model import HeadConfig, ObjectiveWeights, SMITPretrainModel, teacher_collapse_stats
+from nnunet_smit.pretraining.sampler import EpochShardSampler, TwoViewDataset, ViewSampling, VolumeSource, make_worker_init_fn
+from nnunet_smit.pretraining.schedules import PretrainSchedules
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint_latest.pt"
+STATE_FORMAT = "nnunet_smit.pretrain_state"
+STATE_VERSION = 1
+
+# Fields that may change between a run and its resumption without changing what is trained.
+RUNTIME_FIELDS = frozenset(
+    {
+        "max_steps", "num_workers", "log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
+        "preview_every_epochs", "compile", "export", "device", "progress", "gradient_checkpointing",
+    }
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of a pretraining run (serialised to ``pretrain_config.json`` and into the checkpoint).
+
+    Defaults are the authors' where sound. Learning rate = ``base_lr`` x global batch (batch_size x processes).
+    """
+
+    # Encoder
+    preset: str = "smit_small"
+    encoder_overrides: Dict[str, Any] = field(default_factory=dict)
+    # Views and masking
+    view_size: int = 96
+    region_size: int = 128
+    flips: bool = False
+    intensity_jitter: float = 0.0
+    body_bias: float = 0.9
+    mask_ratio: float = 0.7
+    mask_cube_size: int = 16
+    # Objectives (0 switches one off) and heads
+    weight_dino: float = 0.1
+    weight_ibot: float = 0.1
+    weight_reconstruction: float = 1.0
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_out_dim: int = 8192
+    head_layers: int = 3
+    separate_patch_head: bool = True
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp_end: float = 0.07
+    teacher_temp_warmup_epochs: float = 30
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    # Optimisation
+    batch_size: int = 6
+    epochs: int = 500
+    samples_per_epoch: Optional[int] = None
+    base_lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 20
+    weight_decay: float = 0.01
+    weight_decay_end: Optional[float] = None
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    # Runtime
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"
+    num_workers: int = 4
+    seed: int = 0
+    deterministic: bool = False
+    max_steps: Optional[int] = None
+    checkpoint_every_steps: int = 500
+    checkpoint_every_minutes: float = 15.0
+    log_every_steps: int = 10
+    preview_every_epochs: int = 1
+    export: str = "teacher"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise SMITError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}.")
+        if self.export not in ("teacher", "student"):
+            raise SMITError(f"export must be 'teacher' or 'student', got {self.export!r}.")
+        if self.batch_size < 1:
+            raise SMITError("batch size must be at least 1.")
+        if self.view_size % 32 or self.view_size <= 0:
+            raise SMITError(f"view size must be a multiple of 32 voxels, got {self.view_size}.")
+        if self.epochs < 1:
+            raise SMITError("epochs must be at least 1.")
+
+    def encoder_config(self) -> SMITConfig:
+        return SMITConfig.preset(self.preset, **self.encoder_overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def training_fields(self) -> Dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+@dataclass
+class DistInfo:
+    """This process in the job: rank, world size, local rank and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def select_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SMITError("a CUDA device was requested but none is available; use --device cpu.")
+        device = torch.device("cuda", local_rank) if requested == "cuda" else torch.device(requested)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(requested)
+
+
+def init_distributed(requested_device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (single process when it does not)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def share_outcome(error: Optional[str]) -> Optional[str]:
+    """Wait (for hours if need be, e.g. while rank 0 builds the cache) and share rank 0's error message, if any."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=2))
+    payload = [error]
+    dist.broadcast_object_list(payload, src=0, group=group)
+    dist.destroy_process_group(group)
+    return payload[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RNG state <-> plain containers (torch.load(weights_only=True) accepts them)
+
+
+def capture_rng_state(device: torch.device) -> Dict[str, Any]:
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    captured = {
+        "python": [version, list(state), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        captured["cuda"] = torch.cuda.get_rng_state(device)
+    return captured
+
+
+def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in values), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json_plain(obj: Any) -> Any:
+    """A JSON round trip: only plain containers, numbers and strings remain."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """sha256 over the module's state dict (names and bytes), to compare processes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed by rerunning the same command."""
+
+    def __init__(self, message: str, checkpoint_path: Path) -> None:
+        super().__init__(message)
+        self.message = message
+        self.checkpoint_path = checkpoint_path
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PretrainTrainer:
+    """Trains the SMIT student/teacher on a volume source and exports the encoder.
+
+    Args:
+        config: the run's settings.
+        source: scans (``CacheIndex`` or anything with ``case_ids``, ``load`` and ``preprocessing``).
+        output_dir: where checkpoints, logs, plots and the export go.
+        dist_info: this process in the job (from :func:`init_distributed`); single CPU/GPU process if None.
+        data_summary: JSON-able description of the data (cache summary), stored with the run and the export.
+        manifest: JSON-able list of the cached cases (cache manifest), stored in ``checkpoint_latest``.
+    """
+
+    def __init__(
+        self,
+        config: PretrainConfig,
+        source: VolumeSource,
+        output_dir: Path,
+        dist_info: Optional[DistInfo] = None,
+        data_summary: Optional[Dict[str, Any]] = None,
+        manifest: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.output_dir = Path(output_dir)
+        self.dist = dist_info or DistInfo(device=select_device(config.device))
+        self.device = self.dist.device
+        self.data_summary = _json_plain(data_summary or {})
+        self.manifest = _json_plain(manifest or {})
+        self.preprocessing: PretrainPreprocessing = source.preprocessing
+        self.encoder_config = config.encoder_config()
+        self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
+        self.log_path = self.output_dir / "log.jsonl"
+        self.plot_dir = self.output_dir / "plots"
+        self._stop_signal: Optional[str] = None
+        self._last_checkpoint_time = time.monotonic()
+
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+        # Same initial weights on every process (DDP also broadcasts rank 0's); per-rank drop-path streams.
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+
+        global_batch = config.batch_size * self.dist.world_size
+        num_cases = len(source.case_ids)
+        if num_cases == 0:
+            raise SMITError("no usable scans to pretrain on; check the input folders and the cache's skipped report.")
+        samples = config.samples_per_epoch or num_cases
+        self.samples_per_epoch = max(global_batch, (samples // global_batch) * global_batch)
+        self.steps_per_epoch = self.samples_per_epoch // global_batch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, config.max_steps) if config.max_steps else self.total_steps
+        self.schedules = PretrainSchedules(
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            peak_lr=config.base_lr * global_batch,
+            min_lr=config.min_lr,
+            warmup_epochs=config.warmup_epochs,
+            weight_decay=config.weight_decay,
+            weight_decay_end=config.weight_decay if config.weight_decay_end is None else config.weight_decay_end,
+            momentum_start=config.momentum_teacher,
+            teacher_temp_start=config.teacher_temp_start,
+            teacher_temp_end=config.teacher_temp_end,
+            teacher_temp_warmup_epochs=config.teacher_temp_warmup_epochs,
+        )
+
+        self.model = SMITPretrainModel(
+            self.encoder_config,
+            weights=ObjectiveWeights(config.weight_dino, config.weight_ibot, config.weight_reconstruction),
+            heads=HeadConfig(config.head_hidden_dim, config.head_bottleneck_dim, config.head_out_dim, config.head_layers),
+            mask_cube_size=config.mask_cube_size,
+            student_temp=config.student_temp,
+            center_momentum=config.center_momentum,
+            separate_patch_head=config.separate_patch_head,
+            gradient_checkpointing=config.gradient_checkpointing,
+        ).to(self.device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.schedules.lr(0), betas=(0.9, 0.999))
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        self.student_fn = self.model.student
+        if self.dist.distributed:
+            self.student_fn = DistributedDataParallel(
+                self.model.student,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # norm0..3 never get gradients in pretraining (and stage 3 none without reconstruction).
+                find_unused_parameters=True,
+            )
+        if config.compile:
+            self.student_fn = torch.compile(self.student_fn)
+
+        self.step = 0
+        self.sampling = ViewSampling(
+            view_size=(config.view_size,) * 3,
+            region_size=(config.region_size,) * 3,
+            body_bias=config.body_bias,
+            flips=config.flips,
+            intensity_jitter=config.intensity_jitter,
+            mask_cube_size=config.mask_cube_size,
+            mask_ratio=config.mask_ratio,
+        )
+        self.dataset = TwoViewDataset(source, self.sampling, seed=config.seed)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _param_groups(self) -> List[Dict[str, Any]]:
+        """Weight decay on matrices and kernels; none on biases, norms and the mask token."""
+        decay, no_decay = [], []
+        for name, p in self.model.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name == "mask_token" else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.config.weight_decay, "apply_wd": True},
+            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+        ]
+
+    def _amp_dtype(self) -> Optional[torch.dtype]:
+        precision = self.config.precision
+        if self.device.type != "cuda":
+            if precision in ("bf16", "fp16"):
+                logger.warning("%s autocast is for GPUs; training in fp32 on %s.", precision, self.device.type)
+            return None
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything to resume (plain containers and tensors only)."""
+        rng = capture_rng_state(self.device)
+        rng_per_rank = [rng]
+        if self.dist.distributed:
+            gathered: List[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_per_rank = gathered
+        return {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "finished": self.step >= self.total_steps,
+            "rng_per_rank": rng_per_rank,
+            "world_size": self.dist.world_size,
+            "config": self.config.to_dict(),
+            "encoder_config": self.encoder_config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "data": self.data_summary,
+            "manifest": self.manifest,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint_latest.pt`` (rank 0; all ranks must call this under DDP for the RNG gather)."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            atomic_torch_save(state, self.checkpoint_path)
+            logger.info("saved %s at step %d", self.checkpoint_path, self.step)
+        self._last_checkpoint_time = time.monotonic()
+
+    def load_checkpoint(self) -> bool:
+        """Resume from ``checkpoint_latest.pt`` if present; raises SMITError if it belongs to another run."""
+        if not self.checkpoint_path.exists():
+            return False
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise SMITError(
+                f"{self.checkpoint_path} cannot be read ({type(error).__name__}); delete it to start over."
+            ) from error
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise SMITError(f"{self.checkpoint_path} is not a pretraining state; use another output folder.")
+        saved = PretrainConfig.from_dict(state["config"]).training_fields()
+        current = self.config.training_fields()
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed[:4])
+            raise SMITError(
+                f"{self.output_dir} holds a run with other settings ({details}); rerun with the same settings to "
+                "resume, or choose a new output folder."
+            )
+        if int(state["world_size"]) * self.config.batch_size != self.dist.world_size * self.config.batch_size:
+            logger.warning(
+                "resuming with %d processes instead of %d: the global batch and schedules change.",
+                self.dist.world_size, state["world_size"],
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        rngs = state["rng_per_rank"]
+        restore_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0], self.device)
+        logger.info("resumed from %s at step %d (epoch %d)", self.checkpoint_path, self.step, state["epoch"])
+        return True
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> Dict[int, Any]:
+        previous: Dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous
+
+        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+            self._stop_signal = signal.Signals(signum).name
+            # A second signal while saving falls back to the default behaviour.
+            signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: Dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        if self.dist.distributed:
+            flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def request_stop(self, reason: str = "request") -> None:
+        """Ask the loop to save and stop after the current step (what SIGINT/SIGTERM do)."""
+        self._stop_signal = reason
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _make_loader(self) -> DataLoader:
+        sampler = _ResumableSampler(
+            EpochShardSampler(
+                len(self.source.case_ids), self.samples_per_epoch, self.config.batch_size,
+                self.dist.rank, self.dist.world_size, self.config.seed,
+            ),
+            start_step=self.step,
+        )
+        workers = max(int(self.config.num_workers), 0)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            worker_init_fn=make_worker_init_fn(self.config.seed, self.dist.rank),
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def _apply_schedules(self) -> Dict[str, float]:
+        lr = self.schedules.lr(self.step)
+        wd = self.schedules.weight_decay_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("apply_wd"):
+                group["weight_decay"] = wd
+        return {
+            "lr": lr,
+            "weight_decay": wd,
+            "momentum": self.schedules.momentum(self.step),
+            "teacher_temp": self.schedules.teacher_temp(self.step),
+        }
+
+    def train_step(self, batch: Dict[str, torch.Tensor], with_preview: bool = False) -> Tuple[Dict[str, Any], Any]:
+        """One optimisation step on a collated batch; returns (scalars as tensors, loss output)."""
+        values = self._apply_schedules()
+        views = batch["views"].to(self.device, non_blocking=True)
+        masks = batch["masks"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.model.compute_losses(
+                views, masks, values["teacher_temp"], student=self.student_fn, with_preview=with_preview
+            )
+        self.scaler.scale(out.total).backward()
+        epoch = self.step // self.steps_per_epoch
+        if epoch < self.config.freeze_last_layer_epochs:
+            self.model.cancel_last_layer_gradients()
+        grad_norm = None
+        if self.config.clip_grad and self.config.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.update_teacher(values["momentum"])
+        self.step += 1
+        scalars: Dict[str, Any] = {"loss": out.total.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm.detach()
+        return {**values, **scalars}, out
+
+    # ----------------------------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train (resuming if a checkpoint exists) until ``max_steps`` or the last epoch, then export.
+
+        Returns:
+            path of the exported encoder checkpoint.
+        Raises:
+            TrainingInterrupted: after SIGINT/SIGTERM (or :meth:`request_stop`), once the state is saved.
+        """
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.load_checkpoint()
+        if self.dist.is_main:
+            self._write_config()
+            self._log({"event": "resume" if resumed else "start", "step": self.step, "total_steps": self.total_steps,
+                       "stop_step": self.stop_step, "world_size": self.dist.world_size})
+        if self.step >= self.stop_step:
+            logger.info("step %d reached already; exporting.", self.step)
+            return self.export()
+
+        previous = self._install_signal_handlers()
+        try:
+            self._train_loop()
+        finally:
+            self._restore_signal_handlers(previous)
+        return self.export()
+
+    def _train_loop(self) -> None:
+        config = self.config
+        loader = self._make_loader()
+        progress = None
+        if self.dist.is_main and config.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.stop_step, initial=self.step, desc="pretraining", unit="step", dynamic_ncols=True)
+        window: Dict[str, List[Any]] = {}
+        window_start = time.perf_counter()
+        window_steps = 0
+        data_time = 0.0
+        fetch_start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            for batch in loader:
+                data_time += time.perf_counter() - fetch_start
+                epoch_end = (self.step + 1) % self.steps_per_epoch == 0
+                epoch = self.step // self.steps_per_epoch
+                want_preview = (
+                    epoch_end and self.dist.is_main and config.preview_every_epochs > 0
+                    and (epoch + 1) % config.preview_every_epochs == 0
+                )
+                scalars, out = self.train_step(batch, with_preview=want_preview)
+                for key, value in scalars.items():
+                    window.setdefault(key, []).append(value)
+                if out.teacher_global_probs is not None:
+                    window.setdefault("_teacher_probs", []).append(out.teacher_global_probs)
+                window_steps += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{float(scalars['loss']):.4f}", refresh=False)
+
+                last = self.step >= self.stop_step
+                if self.step % max(config.log_every_steps, 1) == 0 or last or epoch_end or self.step == 1:
+                    elapsed = time.perf_counter() - window_start
+                    self._log_window(window, window_steps, elapsed, data_time, epoch)
+                    window, window_steps, data_time = {}, 0, 0.0
+                    window_start = time.perf_counter()
+                if epoch_end and self.dist.is_main:
+                    self._epoch_outputs(epoch, out.preview)
+                stop = self._stop_requested()
+                due = (
+                    (config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
+                    or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
+                    or epoch_end
+                )
+                if stop or last or due:
+                    self.save_checkpoint()
+                if stop:
+                    message = (
+                        f"pretraining interrupted ({self._stop_signal or 'signal on another process'}) at step "
+                        f"{self.step}; state saved to {self.checkpoint_path}; rerun the same command to resume."
+                    )
+                    if self.dist.is_main:
+                        self._log({"event": "interrupted", "step": self.step})
+                    raise TrainingInterrupted(message, self.checkpoint_path)
+                if last:
+                    break
+                fetch_start = time.perf_counter()
+        finally:
+            if progress is not None:
+                progress.close()
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _log_window(self, window: Dict[str, List[Any]], steps: int, elapsed: float, data_time: float, epoch: int) -> None:
+        """Reduce the window's values (mean over steps, and over processes) and write one log record."""
+        probs = window.pop("_teacher_probs", None)
+        keys = sorted(k for k, v in window.items() if v and torch.is_tensor(v[0]))
+        means = torch.stack([torch.stack([v.float() for v in window[k]]).mean() for k in keys]) if keys else None
+        if means is not None and self.dist.distributed:
+            means = means.to(self.device)
+            dist.all_reduce(means)
+            means /= self.dist.world_size
+        record: Dict[str, Any] = {"event": "train", "step": self.step, "epoch": epoch}
+        if means is not None:
+            record.update({k: float(v) for k, v in zip(keys, means.cpu())})
+        for key in ("lr", "weight_decay", "momentum", "teacher_temp"):
+            if window.get(key):
+                record[key] = float(window[key][-1])
+        if probs:
+            stats = teacher_collapse_stats(torch.cat(probs))
+            record.update({f"teacher_{k}": v for k, v in stats.items()})
+        samples = steps * self.config.batch_size * self.dist.world_size
+        record["samples_per_s"] = samples / elapsed if elapsed > 0 else None
+        record["steps_per_s"] = steps / elapsed if elapsed > 0 else None
+        record["data_wait_fraction"] = data_time / elapsed if elapsed > 0 else None
+        record["memory_mb"] = self._memory_mb()
+        if self.dist.is_main:
+            self._log(record)
+
+    def _memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.log_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _write_config(self) -> None:
+        payload = {
+            "pretrain_config": self.config.to_dict(),
+            "encoder_config": self.encoder_config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "world_size": self.dist.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "data": self.data_summary,
+        }
+        (self.output_dir / "pretrain_config.json").write_text(json.dumps(payload, indent=2, default=str))
+
+    def _epoch_outputs(self, epoch: int, preview: Optional[Dict[str, Any]]) -> None:
+        from nnunet_smit.pretraining.plots import plot_loss_curves, plot_reconstruction
+
+        try:
+            plot_loss_curves(self.log_path, self.plot_dir / "loss_curves.png")
+            if preview is not None:
+                plot_reconstruction(
+                    preview, self.plot_dir / f"reconstruction_epoch{epoch + 1:04d}.png", title=f"epoch {epoch + 1}"
+                )
+        except Exception as error:  # noqa: BLE001 - a figure must never stop training
+            logger.warning("could not write plots: %s", error)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def export(self) -> Path:
+        """Write the teacher's (or student's) encoder with full metadata; returns its path on every rank."""
+        from nnunet_smit.checkpoint import save_encoder_checkpoint
+
+        which = self.config.export
+        side = self.model.teacher if which == "teacher" and self.model.teacher is not None else self.model.student
+        if which == "teacher" and self.model.teacher is None:
+            logger.warning("no teacher without distillation objectives; exporting the student.")
+            which = "student"
+        path = self.output_dir / f"smit_encoder_{which}.pt"
+        checksums = {"student": weights_checksum(self.model.student)}
+        if self.model.teacher is not None:
+            checksums["teacher"] = weights_checksum(self.model.teacher)
+        ranks_checksums = [checksums]
+        if self.dist.distributed:
+            gathered: List[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, checksums)
+            ranks_checksums = gathered
+        if self.dist.is_main:
+            last = [r for r in _read_records(self.log_path) if r.get("event") == "train"][-1:]
+            summary = {
+                "kind": "smit_pretraining",
+                "exported": which,
+                "steps": self.step,
+                "epochs_completed": self.step / self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "finished": self.step >= self.total_steps,
+                "world_size": self.dist.world_size,
+                "global_batch": self.config.batch_size * self.dist.world_size,
+                "last_log": last[0] if last else None,
+                "objectives": self.model.weights.enabled(),
+                "pretrain_config": self.config.to_dict(),
+                "data": self.data_summary,
+                "weights_checksums_per_rank": ranks_checksums,
+            }
+            state_dict = {k: v.detach().cpu() for k, v in side.encoder.state_dict().items()}
+            save_encoder_checkpoint(
+                path, state_dict, self.encoder_config, self.preprocessing,
+                patch_size=(self.config.view_size,) * 3, summary=_json_plain(summary),
+            )
+            (self.output_dir / "run_summary.json").write_text(json.dumps(_json_plain(summary), indent=2))
+            self._log({"event": "export", "step": self.step, "path": str(path)})
+            plot_dir_outputs = self.plot_dir / "loss_curves.png"
+            try:
+                from nnunet_smit.pretraining.plots import plot_loss_curves
+
+                plot_loss_curves(self.log_path, plot_dir_outputs)
+            except Exception as error:  # noqa: BLE001
+                logger.warning("could not write plots: %s", error)
+        if self.dist.distributed:
+            dist.barrier()
+        return path
+
+
+def _read_records(path: Path) -> List[Dict[str, Any]]:
+    from nnunet_smit.pretraining.plots import read_log
+
+    return read_log(path)
+
+
+class _ResumableSampler(torch.utils.data.Sampler):
+    """Endless stream of ``(case_index, sample_key)`` from global step ``start_step`` on, epoch after epoch."""
+
+    def __init__(self, shard: EpochShardSampler, start_step: int) -> None:
+        self.shard = shard
+        self.start_step = int(start_step)
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_step, self.shard.batches_per_epoch)
+        while True:
+            self.shard.set_epoch(epoch, skip)
+            yield from iter(self.shard)
+            epoch, skip = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_pretraining(
+    sources: Sequence[Path],
+    output_dir: Path,
+    config: PretrainConfig,
+    cache_dir: Optional[Path] = None,
+    preprocessing: Optional[PretrainPreprocessing] = None,
+    cache_workers: Optional[int] = None,
+    cache_only: bool = False,
+) -> Path:
+    """Build or open the cache, pretrain, export; what ``smit_pretrain`` runs on every process.
+
+    Args:
+        sources: folders with CT scans (searched recursively).
+        output_dir: run folder.
+        config: run settings.
+        cache_dir: preprocessed cache (default ``output_dir/cache``); shared between runs on the same data.
+        preprocessing: spacing/HU window of the cache (authors' defaults if None).
+        cache_workers: processes building the cache (default: CPU count, at most 8).
+        cache_only: build the cache and return its folder without training.
+
+    Returns:
+        the exported encoder checkpoint's path (or the cache folder with ``cache_only``).
+    """
+    from nnunet_smit.pretraining.cache import CacheIndex, build_cache
+
+    output_dir = Path(output_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else output_dir / "cache"
+    preprocessing = preprocessing or PretrainPreprocessing()
+    info = init_distributed(config.device)
+    try:
+        error: Optional[str] = None
+        if info.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            workers = cache_workers if cache_workers is not None else min(os.cpu_count() or 1, 8)
+            try:
+                build_cache(
+                    [Path(s) for s in sources], cache_dir, preprocessing,
+                    min_shape=(config.view_size,) * 3, num_workers=workers, progress=config.progress,
+                )
+            except SMITError as failure:
+                error = str(failure)
+        error = share_outcome(error)
+        if error is not None:
+            raise SMITError(error)
+        cache = CacheIndex.open(cache_dir)
+        if cache_only:
+            return cache_dir
+        data_summary = {"cache_dir": str(cache_dir), **_json_plain(cache.summary())}
+        trainer = PretrainTrainer(config, cache, output_dir, info, data_summary=data_summary, manifest=cache.manifest)
+        return trainer.fit()
+    finally:
+        if info.distributed and dist.is_initialized():
+            dist.destroy_process_group()
