@@ -1,0 +1,358 @@
+"""The encoder checkpoint format, shared by pretraining (writer) and fine-tuning (reader).
+
+A checkpoint is the encoder's weights plus the metadata needed to use them: format name and version, package
+version, the full architecture config, how pretraining preprocessed its input, the pretraining patch size, a
+data/training summary and the sha256 of the weights. It is a ``torch.save`` file of plain containers and
+tensors, read back with ``torch.load(weights_only=True)``, or a safetensors file with the metadata as JSON:
+loading a checkpoint never executes code from it.
+
+Loading into a network is strict by default and reports what happened (:class:`LoadReport`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from nnunet_smit import __version__
+from nnunet_smit.architectures.config import SMITConfig
+from nnunet_smit.architectures.official import (
+    Conversion,
+    convert_monai_swinvit,
+    convert_official_encoder,
+    convert_official_finetune,
+    infer_encoder_config,
+    select_prefix,
+    strip_prefixes,
+)
+from nnunet_smit.conventions import PretrainPreprocessing
+from nnunet_smit.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "nnunet_smit.encoder"
+FORMAT_VERSION = 1
+PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hashing and writing
+# --------------------------------------------------------------------------------------------------------------
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted key names, dtypes, shapes and raw bytes of every tensor."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_encoder_checkpoint(
+    path: PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: SMITConfig,
+    preprocessing: Optional[PretrainPreprocessing] = None,
+    patch_size: Sequence[int] = (96, 96, 96),
+    summary: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Write an encoder checkpoint atomically; returns the sha256 of the weights.
+
+    ``state_dict`` is a :class:`SwinEncoder` state dict (keys without prefix). A path ending in ``.safetensors``
+    is written as safetensors with the metadata as JSON, anything else with ``torch.save``.
+    """
+    weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    sha = state_dict_sha256(weights)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "config": config.to_dict(),
+        "preprocessing": (preprocessing or PretrainPreprocessing()).to_dict(),
+        "patch_size": [int(s) for s in patch_size],
+        "summary": json.loads(json.dumps(summary or {}, default=str)),
+        "sha256": sha,
+    }
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        _atomic_write(path, lambda tmp: save_file(weights, tmp, metadata={"nnunet_smit": json.dumps(metadata)}))
+    else:
+        _atomic_write(path, lambda tmp: torch.save({**metadata, "state_dict": weights}, tmp))
+    return sha
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class EncoderCheckpoint:
+    """An encoder checkpoint in memory, whatever file it came from.
+
+    Attributes:
+        state_dict: encoder weights in this package's key layout.
+        config: the architecture.
+        preprocessing: how pretraining prepared its input (defaults for foreign files, which record none).
+        patch_size: pretraining crop size (D, H, W).
+        summary: data and training summary written by pretraining.
+        sha256: hash of ``state_dict`` (verified for this package's files).
+        source: ``"nnunet_smit"``, ``"official_pretrain"``, ``"official_finetune"`` or ``"monai_swinvit"``.
+        notes: what a conversion dropped or changed.
+    """
+
+    state_dict: StateDict
+    config: SMITConfig
+    preprocessing: PretrainPreprocessing
+    patch_size: Tuple[int, int, int]
+    summary: Dict[str, Any]
+    sha256: str
+    source: str
+    path: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def _read_file(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises several types for a bad file
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}).") from None
+        if "nnunet_smit" in meta:
+            return {**json.loads(meta["nnunet_smit"]), "state_dict": tensors}
+        return tensors
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} cannot be read as a weights-only torch checkpoint ({first_line[:200]})."
+        ) from None
+
+
+def _tensor_dict(obj: Any) -> Optional[StateDict]:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    return None
+
+
+def classify_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
+    """Name the layout of a tensor dict: official_finetune, monai_swinvit, official_pretrain or unknown."""
+    keys = list(sd)
+    bare = strip_prefixes(sd, ("module.",))
+    if any(k.startswith("transformer.") for k in bare) and any(k.startswith("decoder5.") for k in bare):
+        return "official_finetune"
+    if any(k.startswith("swinViT.") for k in keys) or any(".layers1.0." in f".{k}" for k in bare):
+        return "monai_swinvit"
+    stripped = strip_prefixes(sd)
+    if "patch_embed.proj.weight" in stripped and any(k.startswith("layers.0.blocks.") for k in stripped):
+        return "official_pretrain"
+    # This package's SMITNet state dict (encoder.* and decoder.*).
+    encoder, _ = select_prefix(bare, "encoder.")
+    if "patch_embed.proj.weight" in encoder:
+        return "smitnet"
+    return "unknown"
+
+
+def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> Conversion:
+    """Turn any known layout into an encoder state dict in this package's layout, with the inferred config."""
+    kind = classify_state_dict(sd)
+    if kind == "official_finetune":
+        net_sd, config, _ = convert_official_finetune(sd)
+        encoder, rest = select_prefix(net_sd, "encoder.")
+        return Conversion(encoder, config, kind, {"the authors' decoder (not part of the encoder)": rest})
+    if kind == "monai_swinvit":
+        return convert_monai_swinvit(sd)
+    if kind == "official_pretrain":
+        return convert_official_encoder(sd)
+    if kind == "smitnet":
+        bare = strip_prefixes(sd, ("module.", "_orig_mod."))
+        encoder, rest = select_prefix(bare, "encoder.")
+        return Conversion(encoder, infer_encoder_config(encoder), kind, {"decoder (not part of the encoder)": rest})
+    raise CheckpointError(
+        "The file holds tensors but no known SMIT, MONAI SwinViT or nnunet_smit encoder layout "
+        f"(first keys: {list(sd)[:3]})."
+    )
+
+
+def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
+    """Read an encoder checkpoint: this package's format, or the authors' / MONAI's files converted on the fly.
+
+    Accepted foreign files: the authors' pretraining output and released ``pre_train_weight.pt`` (flat or
+    ``{'state_dict': ...}``, with or without ``module.``/``backbone.``/``transformer.`` prefixes), the authors'
+    complete fine-tuning network, and MONAI SwinUNETR / ``model_swinvit.pt`` weights. Raises
+    :class:`CheckpointError` for unreadable or unknown files and for a sha256 mismatch.
+    """
+    path = Path(path)
+    obj = _read_file(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
+        if int(obj.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has checkpoint format version {obj['format_version']}, newer than this package reads "
+                f"({FORMAT_VERSION}): upgrade nnunet_smit."
+            )
+        state_dict = _tensor_dict(obj.get("state_dict")) or {}
+        sha = state_dict_sha256(state_dict)
+        if sha != obj.get("sha256"):
+            raise CheckpointError(f"{path} is corrupt: the weights' sha256 does not match the one recorded in it.")
+        return EncoderCheckpoint(
+            state_dict=state_dict,
+            config=SMITConfig.from_dict(obj["config"]),
+            preprocessing=PretrainPreprocessing.from_dict(obj.get("preprocessing", {})),
+            patch_size=tuple(int(s) for s in obj.get("patch_size", (96, 96, 96))),
+            summary=dict(obj.get("summary", {})),
+            sha256=sha,
+            source="nnunet_smit",
+            path=str(path),
+        )
+    sd = _tensor_dict(obj)
+    if sd is None and isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model", "student", "teacher", "net"):
+            sd = _tensor_dict(obj.get(wrapper))
+            if sd is not None:
+                break
+    if sd is None:
+        raise CheckpointError(f"{path} holds no tensor dictionary that could be encoder weights.")
+    conversion = convert_state_dict(sd)
+    return EncoderCheckpoint(
+        state_dict=conversion.state_dict,
+        config=conversion.config,
+        preprocessing=PretrainPreprocessing(),
+        patch_size=(96, 96, 96),
+        summary={"converted_from": conversion.source, "original_file": path.name},
+        sha256=state_dict_sha256(conversion.state_dict),
+        source=conversion.source,
+        path=str(path),
+        notes=conversion.notes(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading into a network
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """What loading a state dict into a module did.
+
+    Attributes:
+        loaded: number of tensors copied into the module.
+        missing: module keys the state dict lacked.
+        unexpected: state-dict keys the module does not have.
+        mismatched: (key, checkpoint shape, module shape) for keys present in both with different shapes.
+        adapted: notes on tensors changed to fit (e.g. in-channel repetition), and on what a conversion dropped.
+    """
+
+    loaded: int = 0
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+    adapted: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        lines = [
+            f"loaded {self.loaded} tensors; missing keys: {len(self.missing)}; unexpected keys: "
+            f"{len(self.unexpected)}; shape mismatches: {len(self.mismatched)}"
+        ]
+        lines += [f"  missing: {k}" for k in self.missing]
+        lines += [f"  unexpected: {k}" for k in self.unexpected]
+        lines += [f"  shape mismatch: {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+        lines += [f"  note: {n}" for n in self.adapted]
+        return "\n".join(lines)
+
+    def problem(self) -> str:
+        """One sentence naming the offending keys (for errors)."""
+        parts = []
+        if self.mismatched:
+            k, a, b = self.mismatched[0]
+            parts.append(f"{len(self.mismatched)} shape mismatch(es), first {k}: checkpoint {list(a)} vs model {list(b)}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing key(s), first {self.missing[:3]}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected key(s), first {self.unexpected[:3]}")
+        return "; ".join(parts)
+
+
+def adapt_in_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Patch-embedding kernel (C, 1, k, k, k) -> (C, n, k, k, k): repeated and divided by n, so that n identical
+    input channels give the single-channel response."""
+    return weight.repeat(1, in_channels, 1, 1, 1) / in_channels
+
+
+def load_state_dict_reported(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    what: str = "encoder",
+) -> LoadReport:
+    """Load what fits, report everything, and with ``strict`` raise :class:`CheckpointError` on any problem
+    (before copying anything)."""
+    own = module.state_dict()
+    report = LoadReport()
+    usable = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            usable[key] = value
+    report.missing = [k for k in own if k not in state_dict]
+    if strict and not report.ok:
+        raise CheckpointError(f"The checkpoint does not fit the {what}: {report.problem()}.")
+    module.load_state_dict(usable, strict=False)
+    report.loaded = len(usable)
+    return report
+
+
+def load_encoder_weights(encoder: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> LoadReport:
+    """Load an encoder state dict (this package's layout) into a :class:`SwinEncoder`, strictly by default.
+
+    A single-channel patch embedding loads into an n-channel encoder by repeating the kernel divided by n; the
+    report says so. With ``strict`` any missing, unexpected or mismatched key raises :class:`CheckpointError`
+    naming it; otherwise what fits is loaded and the rest is listed in the report.
+    """
+    sd = dict(state_dict)
+    notes = []
+    key = "patch_embed.proj.weight"
+    own = encoder.state_dict()
+    if key in sd and key in own and sd[key].shape[1] == 1 and own[key].shape[1] > 1:
+        n = own[key].shape[1]
+        if sd[key].shape[0] == own[key].shape[0]:
+            sd[key] = adapt_in_channels(sd[key], n)
+            notes.append(f"patch embedding: 1-channel kernel repeated over {n} input channels and divided by {n}")
+    report = load_state_dict_reported(encoder, sd, strict=strict, what="encoder")
+    report.adapted = notes + report.adapted
+    for note in notes:
+        logger.info(note)
+    return report
