@@ -1,0 +1,371 @@
+"""nnUNetTrainerSMIT: fine-tune a SMIT Swin-3D encoder with its convolutional decoder inside nnU-Net v2.
+
+Everything the network needs is written into the plans configuration before nnU-Net's ``__init__`` runs (see
+:mod:`nnunet_smit.trainers.plans_settings`), so the results ``plans.json`` rebuilds it in ``nnUNetv2_predict``.
+Pretrained weights come from the environment variable ``nnUNet_SMIT_weights`` (or the configuration key
+``smit_weights``); the encoder is loaded strictly, on every rank, at the start of epoch 0 only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunet_smit.architectures import SMITConfig, SMITNet
+from nnunet_smit.checkpoint import load_encoder_checkpoint, load_encoder_weights
+from nnunet_smit.conventions import PretrainPreprocessing
+from nnunet_smit.errors import CheckpointError, SMITError
+from nnunet_smit.trainers import plans_settings
+from nnunet_smit.trainers.param_groups import build_param_groups, unwrap_network
+from nnunet_smit.trainers.patch_fitting import fit_patch_size
+from nnunet_smit.trainers.schedule import EpochLRScheduler
+
+WEIGHTS_ENV = "nnUNet_SMIT_weights"
+WEIGHTS_PLANS_KEY = "smit_weights"  # optional path inside plans['configurations'][name]
+MISSING_WEIGHTS_MESSAGE = (
+    f"No SMIT encoder checkpoint given: set the environment variable {WEIGHTS_ENV} to an encoder checkpoint "
+    "(from smit_pretrain or smit_convert), or train from random init with -tr nnUNetTrainerSMITScratch."
+)
+_TRUE = ("true", "1", "t")
+
+
+def _numpy_safe_globals() -> List[Any]:
+    """numpy types that nnU-Net's checkpoints pickle (logged losses, Dice values and the best EMA are numpy
+    scalars), allowed on top of torch's weights-only set."""
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    types: List[Any] = [np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct]
+    types += [type(np.dtype(name)) for name in ("float64", "float32", "float16", "int64", "int32", "bool")]
+    return types
+
+
+def load_nnunet_checkpoint(path: str, map_location: Union[str, torch.device]) -> Dict[str, Any]:
+    """Read an nnU-Net training checkpoint with ``weights_only=True``: tensors, plain containers, torch.device
+    and numpy scalars/arrays only (what nnU-Net's ``save_checkpoint`` writes); anything else is refused."""
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class nnUNetTrainerSMIT(nnUNetTrainer):
+    """SMIT encoder (pretrained) + SMIT convolutional decoder, trained with nnU-Net's data pipeline.
+
+    Recipe (class attributes, so a variant changes one): AdamW (``initial_lr``, ``weight_decay``), linear warm-up
+    over ``warmup_epochs`` then ``lr_decay`` ("cosine" or "poly"), layer-wise decay ``layer_decay`` over the
+    encoder (``freeze_encoder`` trains the decoder only), gradient clipping at ``grad_clip_norm``, bf16 autocast
+    on CUDA GPUs that support it, deep supervision at [1, 1/2, 1/4, 1/8, 1/16].
+    """
+
+    # --- what a variant changes ----------------------------------------------------------------------------
+    require_pretrained_weights: bool = True
+    scratch_preset: str = "smit_small"  # architecture when no checkpoint is given (Scratch variants only)
+    fixed_patch_size: Optional[Tuple[int, int, int]] = None  # None: fit nnU-Net's planned patch
+    decoder_norm: str = "instance"
+    smit_initial_lr: float = 3e-4
+    smit_weight_decay: float = 5e-2
+    warmup_epochs: int = 50
+    lr_decay: str = "cosine"
+    layer_decay: float = 0.9
+    freeze_encoder: bool = False
+    grad_clip_norm: float = 1.0
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        notes, self._encoder_checkpoint = self._write_smit_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.smit_initial_lr
+        self.weight_decay = self.smit_weight_decay
+        self.autocast_dtype = torch.float16
+        if self.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            # bf16 has fp32's range: no loss scaling, no fp16 overflow in attention
+            self.autocast_dtype = torch.bfloat16
+            self.grad_scaler = None
+        self._initial_encoder_fingerprint: Optional[torch.Tensor] = None
+        for note in notes:
+            self.print_to_log_file(note)
+
+    # --- plans: everything the network needs, before nnU-Net copies them --------------------------------------
+    @classmethod
+    def _weights_path(cls, configuration: Dict[str, Any]) -> Optional[str]:
+        path = os.environ.get(WEIGHTS_ENV) or configuration.get(WEIGHTS_PLANS_KEY)
+        return os.path.abspath(os.path.expanduser(path)) if path else None
+
+    @classmethod
+    def _results_settings(cls, plans: dict, configuration: str) -> Optional[Dict[str, Any]]:
+        """SMIT settings from this trainer's results plans.json, if a previous run wrote them."""
+        if not nnUNet_results.is_set():
+            return None
+        folder = join(
+            nnUNet_results.get(),
+            plans["dataset_name"],
+            f"{cls.__name__}__{plans['plans_name']}__{configuration}",
+        )
+        if not isfile(join(folder, "plans.json")):
+            return None
+        return load_json(join(folder, "plans.json"))["configurations"].get(configuration, {}).get(
+            plans_settings.SMIT_PLANS_KEY
+        )
+
+    @classmethod
+    def _write_smit_plans(cls, plans: dict, configuration: str) -> Tuple[List[str], Optional[Any]]:
+        """Write the ``smit`` entry, patch and batch size into ``plans['configurations'][configuration]``.
+
+        Returns notes for the training log and the loaded encoder checkpoint (None when not read here).
+        """
+        resolved = PlansManager(plans).get_configuration(configuration).configuration
+        if len(resolved["patch_size"]) != 3:
+            raise SMITError(
+                f"SMIT trainers need a 3D configuration but {configuration!r} is "
+                f"{len(resolved['patch_size'])}D; use 3d_fullres, 3d_lowres or 3d_cascade_fullres."
+            )
+        target = plans["configurations"][configuration]
+        previous = cls._results_settings(plans, configuration)
+        weights_path = cls._weights_path(resolved)
+        notes: List[str] = []
+        checkpoint = None
+
+        if plans.get("continue_training") and previous is not None:
+            # --c: rebuild exactly the network that the nnU-Net checkpoint holds
+            settings = previous
+            notes.append("SMIT: continuing; network settings taken from the results folder's plans.json.")
+        elif weights_path is not None or previous is None:
+            if weights_path is not None:
+                checkpoint = load_encoder_checkpoint(weights_path)
+                encoder_config, preprocessing = checkpoint.config, checkpoint.preprocessing
+                weights = {"path": weights_path, "sha256": checkpoint.sha256, "source": checkpoint.source}
+            elif cls.require_pretrained_weights:
+                raise SMITError(MISSING_WEIGHTS_MESSAGE)
+            else:
+                encoder_config, preprocessing = SMITConfig.preset(cls.scratch_preset), PretrainPreprocessing()
+                weights = None
+            fit = fit_patch_size(
+                resolved["patch_size"], resolved["batch_size"], fixed_patch_size=cls.fixed_patch_size
+            )
+            settings = plans_settings.make_settings(
+                encoder_config,
+                preprocessing,
+                fit,
+                plans_settings.intensity_statistics(plans, resolved),
+                weights if cls.require_pretrained_weights else None,
+                decoder_norm=cls.decoder_norm,
+            )
+            if weights is not None and not cls.require_pretrained_weights:
+                notes.append(f"SMIT: random init; architecture and conventions taken from {weights_path}.")
+        else:
+            # --val (or a restart) without weights: the results folder says what was trained
+            settings = previous
+            notes.append("SMIT: no weights given; network settings taken from the results folder's plans.json.")
+
+        fit = settings["patch_fit"]
+        target[plans_settings.SMIT_PLANS_KEY] = settings
+        target["patch_size"] = list(fit["patch_size"])
+        target["batch_size"] = int(fit["batch_size"])
+        notes.append(
+            f"SMIT patch fitting: planned patch {fit['planned_patch_size']} x batch {fit['planned_batch_size']} -> "
+            f"patch {fit['patch_size']} x batch {fit['batch_size']}"
+            + (" (fixed by the trainer variant)" if cls.fixed_patch_size is not None else "")
+        )
+        mapped = [i for i, s in enumerate(settings["intensity_mapping"]) if s is not None]
+        preprocessing = plans_settings.preprocessing_of(settings)
+        notes.append(
+            f"SMIT intensities: channels {mapped} (CTNormalization) mapped back to HU {list(preprocessing.hu_window)} "
+            f"-> {list(preprocessing.scaled_range)}; other channels pass through as nnU-Net normalised them."
+        )
+        notes += plans_settings.convention_warnings(resolved["spacing"], preprocessing, resolved["normalization_schemes"])
+        return notes, checkpoint
+
+    # --- network -------------------------------------------------------------------------------------------
+    @staticmethod
+    def build_network_architecture(
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """SMITNet from the configuration's ``smit`` entry; prediction calls this on the class."""
+        return plans_settings.build_network(
+            configuration_manager.configuration, num_input_channels, num_output_channels, enable_deep_supervision
+        )
+
+    def _get_deep_supervision_scales(self):
+        """The SMIT decoder's output scales (nnU-Net derives them from CNN pooling strides)."""
+        return SMITNet.deep_supervision_scales() if self.enable_deep_supervision else None
+
+    def _do_i_compile(self) -> bool:
+        """torch.compile only when nnUNet_compile asks for it (nnU-Net compiles by default on CUDA)."""
+        return os.environ.get("nnUNet_compile", "").lower() in _TRUE and super()._do_i_compile()
+
+    def initialize(self):
+        super().initialize()
+        encoder = unwrap_network(self.network).encoder
+        # detects weights loaded by someone else before training starts (nnUNetv2_train -pretrained_weights)
+        self._initial_encoder_fingerprint = next(encoder.parameters()).detach().clone()
+
+    # --- pretrained encoder ---------------------------------------------------------------------------------
+    def _load_pretrained_encoder(self) -> None:
+        settings = self.configuration_manager.configuration[plans_settings.SMIT_PLANS_KEY]
+        if not self.require_pretrained_weights:
+            self.print_to_log_file("SMIT: encoder starts from random init (no pretrained weights).")
+            return
+        checkpoint, self._encoder_checkpoint = self._encoder_checkpoint, None
+        if checkpoint is None:
+            path = self._weights_path(self.configuration_manager.configuration)
+            if path is None:
+                raise SMITError(MISSING_WEIGHTS_MESSAGE)
+            checkpoint = load_encoder_checkpoint(path)
+        expected = plans_settings.encoder_config_of(settings)
+        if checkpoint.config.replace(in_channels=1) != expected.replace(in_channels=1):
+            raise CheckpointError(
+                f"The encoder checkpoint {checkpoint.path} has a different architecture than this training's plans "
+                "(from an earlier run in the same results folder); point nnUNet_SMIT_weights at the checkpoint "
+                "used before, or start in a fresh results folder."
+            )
+        encoder = unwrap_network(self.network).encoder
+        report = load_encoder_weights(encoder, checkpoint.state_dict, strict=True)
+        self.print_to_log_file(
+            f"SMIT: loaded pretrained encoder from {checkpoint.path} (sha256 {checkpoint.sha256}, "
+            f"source {checkpoint.source})\n{report.summary()}"
+        )
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self.current_epoch == 0:
+            encoder = unwrap_network(self.network).encoder
+            if torch.equal(next(encoder.parameters()).detach(), self._initial_encoder_fingerprint):
+                self._load_pretrained_encoder()
+            else:
+                self.print_to_log_file("SMIT: network weights were loaded before training (-pretrained_weights); "
+                                       "the SMIT encoder checkpoint is not applied on top.")
+        else:
+            self.print_to_log_file(f"SMIT: continuing at epoch {self.current_epoch}; encoder not reloaded.")
+        self._encoder_checkpoint = None
+        self._initial_encoder_fingerprint = None
+        super().on_train_start()
+
+    # --- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        network = unwrap_network(self.network)
+        if self.freeze_encoder:
+            network.encoder.requires_grad_(False)
+        groups = build_param_groups(
+            network,
+            weight_decay=self.weight_decay,
+            layer_decay=0.0 if self.freeze_encoder else self.layer_decay,
+            depths=network.encoder.config.depths,
+        )
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
+        scheduler = EpochLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs, self.lr_decay)
+        return optimizer, scheduler
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.freeze_encoder:
+            unwrap_network(self.network).encoder.eval()  # a fixed feature extractor: no drop path
+
+    def _autocast(self):
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
+
+    @contextlib.contextmanager
+    def _cuda_autocast_dtype(self):
+        """nnU-Net's own autocast blocks (validation, prediction) use our dtype inside this context."""
+        if self.device.type != "cuda":
+            yield
+            return
+        previous = torch.get_autocast_dtype("cuda")
+        torch.set_autocast_dtype("cuda", self.autocast_dtype)
+        try:
+            yield
+        finally:
+            torch.set_autocast_dtype("cuda", previous)
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step with bf16 autocast (where supported) and transformer-sized gradient clipping."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss(self.network(data), target)
+        parameters = [p for p in self.network.parameters() if p.requires_grad]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._cuda_autocast_dtype():
+            return super().validation_step(batch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        with self._cuda_autocast_dtype():
+            return super().perform_actual_validation(save_probabilities)
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        """Restore what nnU-Net's ``save_checkpoint`` wrote (``--c``, ``--val``), reading the file weights-only.
+
+        Overrides 2.8.1's method, which reads with ``weights_only=False`` and fails when handed a dict. The
+        network is loaded strictly into the unwrapped module.
+        """
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = load_nnunet_checkpoint(checkpoint, self.device)
+        network = unwrap_network(self.network)
+        own_keys = network.state_dict().keys()
+        weights = {
+            (key[len("module."):] if key not in own_keys and key.startswith("module.") else key): value
+            for key, value in checkpoint["network_weights"].items()
+        }
+        network.load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get(
+            "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes
+        )
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+class nnUNetTrainerSMITScratch(nnUNetTrainerSMIT):
+    """The identical recipe from random init: the matched baseline. Uses the checkpoint's architecture when
+    ``nnUNet_SMIT_weights`` is set (weights are not loaded), the ``smit_small`` preset otherwise."""
+
+    require_pretrained_weights = False
+
+
+class nnUNetTrainerSMITFrozenEncoder(nnUNetTrainerSMIT):
+    """Linear-probe style: the pretrained encoder is frozen (no gradients, eval mode); only the decoder trains."""
+
+    freeze_encoder = True

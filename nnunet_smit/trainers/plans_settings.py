@@ -1,0 +1,168 @@
+"""SMIT settings inside nnU-Net plans, and the network built from them.
+
+``nnUNetv2_predict`` rebuilds the network from the results folder's ``plans.json`` alone (no trainer instance),
+so the trainer writes everything the network needs into ``plans['configurations'][name]['smit']``:
+
+    {"format_version": 1,
+     "encoder_config": SMITConfig.to_dict(),
+     "pretrain_preprocessing": PretrainPreprocessing.to_dict(),
+     "decoder_norm": "instance",
+     "intensity_mapping": [per image channel: {"scheme", "mean", "std", "percentile_00_5", "percentile_99_5"}
+                           for CTNormalization channels, else null],
+     "patch_fit": {"planned_patch_size", "planned_batch_size", "patch_size", "batch_size"},
+     "weights": {"path", "sha256", "source"} or null (random init)}
+
+The fitted ``patch_size`` and ``batch_size`` go into the configuration itself, where nnU-Net reads them.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+from nnunet_smit.architectures import IntensityMapping, SMITConfig, SMITNet
+from nnunet_smit.conventions import AXIS_CONVENTION_NNUNET, PretrainPreprocessing
+from nnunet_smit.errors import SMITError
+from nnunet_smit.trainers.patch_fitting import PatchFit
+
+SMIT_PLANS_KEY = "smit"
+SETTINGS_FORMAT_VERSION = 1
+# nnU-Net's normalisation whose statistics let the network recover HU exactly (inside the clip range).
+CT_NORMALIZATION = "CTNormalization"
+# A dataset axis whose spacing differs from the pretraining spacing by more than this factor gets a warning.
+SPACING_WARNING_FACTOR = 1.5
+
+
+def intensity_statistics(plans: Dict[str, Any], configuration: Dict[str, Any]) -> List[Optional[Dict[str, Any]]]:
+    """Per image channel: the CTNormalization statistics from the plans, or None for other normalisations."""
+    schemes = configuration["normalization_schemes"]
+    properties = plans.get("foreground_intensity_properties_per_channel") or plans.get(
+        "foreground_intensity_properties_by_modality", {}
+    )
+    stats: List[Optional[Dict[str, Any]]] = []
+    for channel, scheme in enumerate(schemes):
+        if scheme != CT_NORMALIZATION:
+            stats.append(None)
+            continue
+        props = properties[str(channel)]
+        stats.append(
+            {
+                "scheme": scheme,
+                "mean": float(props["mean"]),
+                "std": float(props["std"]),
+                "percentile_00_5": float(props["percentile_00_5"]),
+                "percentile_99_5": float(props["percentile_99_5"]),
+            }
+        )
+    return stats
+
+
+def make_settings(
+    encoder_config: SMITConfig,
+    preprocessing: PretrainPreprocessing,
+    patch_fit: PatchFit,
+    intensity_mapping: Sequence[Optional[Dict[str, Any]]],
+    weights: Optional[Dict[str, str]],
+    decoder_norm: str = "instance",
+) -> Dict[str, Any]:
+    """The JSON-able ``smit`` entry of a plans configuration (see the module docstring)."""
+    return {
+        "format_version": SETTINGS_FORMAT_VERSION,
+        "encoder_config": encoder_config.to_dict(),
+        "pretrain_preprocessing": preprocessing.to_dict(),
+        "decoder_norm": decoder_norm,
+        "intensity_mapping": [dict(s) if s is not None else None for s in intensity_mapping],
+        "patch_fit": {
+            "planned_patch_size": list(patch_fit.planned_patch_size),
+            "planned_batch_size": patch_fit.planned_batch_size,
+            "patch_size": list(patch_fit.patch_size),
+            "batch_size": patch_fit.batch_size,
+        },
+        "weights": dict(weights) if weights is not None else None,
+    }
+
+
+def settings_of(configuration: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``smit`` entry of a (resolved) plans configuration; SMITError when it is missing."""
+    settings = configuration.get(SMIT_PLANS_KEY)
+    if settings is None:
+        raise SMITError(
+            "This plans configuration holds no SMIT settings; use the plans.json that a SMIT trainer wrote into "
+            "its results folder (nnUNetv2_predict does this when given the same -tr)."
+        )
+    if settings.get("format_version", 0) > SETTINGS_FORMAT_VERSION:
+        raise SMITError(
+            f"These SMIT plans settings have format version {settings['format_version']}, newer than this "
+            f"package understands ({SETTINGS_FORMAT_VERSION}); upgrade nnunet_smit."
+        )
+    return settings
+
+
+def encoder_config_of(settings: Dict[str, Any]) -> SMITConfig:
+    return SMITConfig.from_dict(settings["encoder_config"])
+
+
+def preprocessing_of(settings: Dict[str, Any]) -> PretrainPreprocessing:
+    return PretrainPreprocessing.from_dict(settings["pretrain_preprocessing"])
+
+
+def build_intensity_mapping(settings: Dict[str, Any], num_input_channels: int) -> Optional[IntensityMapping]:
+    """Fixed mapping of CT-normalised channels onto the pretraining HU window; None when no channel is CT.
+
+    Channels beyond the image channels (the cascade's one-hot segmentation of the previous stage) and
+    channels with other normalisations pass through unchanged.
+    """
+    stats = list(settings["intensity_mapping"])[:num_input_channels]
+    if not any(s is not None for s in stats):
+        return None
+    stats += [None] * (num_input_channels - len(stats))
+    preprocessing = preprocessing_of(settings)
+    return IntensityMapping(
+        mean=[s["mean"] if s is not None else None for s in stats],
+        std=[s["std"] if s is not None else None for s in stats],
+        hu_window=preprocessing.hu_window,
+        scaled_range=preprocessing.scaled_range,
+    )
+
+
+def build_network(
+    configuration: Dict[str, Any],
+    num_input_channels: int,
+    num_output_channels: int,
+    deep_supervision: bool,
+) -> SMITNet:
+    """SMITNet from a resolved plans configuration dict; the same call in training and in prediction."""
+    settings = settings_of(configuration)
+    return SMITNet(
+        encoder_config_of(settings),
+        in_channels=num_input_channels,
+        num_classes=num_output_channels,
+        norm=settings.get("decoder_norm", "instance"),
+        deep_supervision=deep_supervision,
+        input_mapping=build_intensity_mapping(settings, num_input_channels),
+    )
+
+
+def convention_warnings(
+    spacing_mm: Sequence[float], preprocessing: PretrainPreprocessing, normalization_schemes: Sequence[str]
+) -> List[str]:
+    """Human-readable warnings where the dataset differs from how the encoder was pretrained."""
+    warnings: List[str] = []
+    target = preprocessing.target_spacing_mm
+    ratios = [float(s) / float(t) for s, t in zip(spacing_mm, target)]
+    if any(r > SPACING_WARNING_FACTOR or r < 1.0 / SPACING_WARNING_FACTOR for r in ratios):
+        warnings.append(
+            f"WARNING: the dataset spacing {[round(float(s), 3) for s in spacing_mm]} mm (z, y, x) is far from the "
+            f"checkpoint's pretraining spacing {list(target)} mm (ratios {[round(r, 2) for r in ratios]}); the encoder "
+            "sees anatomy at a different scale than in pretraining."
+        )
+    if preprocessing.axis_convention != AXIS_CONVENTION_NNUNET:
+        warnings.append(
+            f"WARNING: the checkpoint was pretrained with axis convention {preprocessing.axis_convention!r}, "
+            f"nnU-Net feeds {AXIS_CONVENTION_NNUNET!r}; the encoder sees axes in a different order."
+        )
+    if preprocessing.modality.upper() == "CT" and CT_NORMALIZATION not in normalization_schemes:
+        warnings.append(
+            f"WARNING: the checkpoint was pretrained on CT but no channel uses {CT_NORMALIZATION} "
+            f"(schemes {list(normalization_schemes)}); those channels reach the encoder as nnU-Net normalised "
+            "them, without HU mapping."
+        )
+    return warnings

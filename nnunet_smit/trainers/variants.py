@@ -1,0 +1,58 @@
+"""Trainer variants: each overrides one or two settings of nnUNetTrainerSMIT and says so in its name."""
+from __future__ import annotations
+
+import torch
+
+from nnunet_smit.trainers.nnUNetTrainerSMIT import nnUNetTrainerSMIT, nnUNetTrainerSMITScratch
+
+
+class nnUNetTrainerSMIT_96(nnUNetTrainerSMIT):
+    """Fixed 96^3 patch, as the authors fine-tune (batch size matched to the planned voxel budget)."""
+
+    fixed_patch_size = (96, 96, 96)
+
+
+class nnUNetTrainerSMIT_128(nnUNetTrainerSMIT):
+    """Fixed 128^3 patch (batch size matched to the planned voxel budget)."""
+
+    fixed_patch_size = (128, 128, 128)
+
+
+class nnUNetTrainerSMITScratch_96(nnUNetTrainerSMITScratch):
+    """Random-init baseline of nnUNetTrainerSMIT_96."""
+
+    fixed_patch_size = (96, 96, 96)
+
+
+class nnUNetTrainerSMITScratch_128(nnUNetTrainerSMITScratch):
+    """Random-init baseline of nnUNetTrainerSMIT_128."""
+
+    fixed_patch_size = (128, 128, 128)
+
+
+class _TinyRun:
+    """2 epochs of 2 iterations, 1 validation iteration, 1 warm-up epoch, no mirroring (so the final validation
+    runs without 8-fold mirror averaging): CPU smoke runs and tests."""
+
+    scratch_preset = "tiny"
+    warmup_epochs = 1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+
+class nnUNetTrainerSMIT_tiny(_TinyRun, nnUNetTrainerSMIT):
+    """nnUNetTrainerSMIT for 2 epochs x 2 iterations; still needs nnUNet_SMIT_weights (e.g. a tiny-preset checkpoint)."""
+
+
+class nnUNetTrainerSMITScratch_tiny(_TinyRun, nnUNetTrainerSMITScratch):
+    """Random-init tiny-preset encoder for 2 epochs x 2 iterations; needs no weights."""

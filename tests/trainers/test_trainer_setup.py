@@ -1,0 +1,212 @@
+"""nnUNetTrainerSMIT set-up without data: plans settings, refusals, network from plans, optimizer, weights."""
+from pathlib import Path
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_smit.architectures import SMITConfig, SwinEncoder
+from nnunet_smit.checkpoint import save_encoder_checkpoint
+from nnunet_smit.conventions import PretrainPreprocessing
+from nnunet_smit.errors import SMITError
+from nnunet_smit.trainers import (
+    nnUNetTrainerSMIT,
+    nnUNetTrainerSMIT_96,
+    nnUNetTrainerSMITFrozenEncoder,
+    nnUNetTrainerSMITScratch_tiny,
+)
+from nnunet_smit.trainers.nnUNetTrainerSMIT import WEIGHTS_ENV
+
+CPU = torch.device("cpu")
+
+
+def _configuration(patch, spacing, batch=2):
+    return {
+        "data_identifier": f"nnUNetPlans_{len(patch)}d",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch,
+        "patch_size": list(patch),
+        "median_image_size_in_voxels": list(patch),
+        "spacing": list(spacing),
+        "normalization_schemes": None,  # filled per dataset
+        "use_mask_for_norm": None,
+        "architecture": {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []},
+        "batch_dice": False,
+    }
+
+
+def make_plans(schemes=("CTNormalization",)):
+    configurations = {
+        "2d": _configuration((80, 72), (1.5, 1.5), batch=12),
+        "3d_fullres": _configuration((48, 80, 80), (2.5, 1.5, 1.5)),
+        "3d_lowres": {**_configuration((40, 56, 56), (3.5, 2.1, 2.1)), "next_stage": "3d_cascade_fullres"},
+        "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"},
+    }
+    for name, conf in configurations.items():
+        if "normalization_schemes" in conf:
+            conf["normalization_schemes"] = list(schemes)
+            conf["use_mask_for_norm"] = [False] * len(schemes)
+    props = {
+        str(i): {"mean": 100.0 + i, "std": 50.0, "percentile_00_5": -200.0, "percentile_99_5": 800.0,
+                 "min": -1000.0, "max": 1000.0, "median": 90.0}
+        for i in range(len(schemes))
+    }
+    return {
+        "dataset_name": "Dataset999_Unit",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [2.5, 1.5, 1.5],
+        "original_median_shape_after_transp": [48, 80, 72],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": configurations,
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": props,
+    }
+
+
+def make_dataset_json(num_channels=1):
+    return {"channel_names": {str(i): f"ch{i}" for i in range(num_channels)},
+            "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 5, "file_ending": ".nii.gz"}
+
+
+@pytest.fixture()
+def nnunet_env(tmp_path, monkeypatch):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    return tmp_path
+
+
+@pytest.fixture()
+def tiny_weights(tmp_path, monkeypatch):
+    """A tiny-preset encoder checkpoint with random weights, given through the environment variable."""
+    config = SMITConfig.preset("tiny")
+    path = tmp_path / "tiny_encoder.pt"
+    sha = save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config,
+                                  PretrainPreprocessing(hu_window=(-500.0, 500.0)))
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    return path, sha
+
+
+def make_trainer(cls, plans, configuration="3d_fullres", num_channels=1):
+    plans = {**plans, "continue_training": False}
+    return cls(plans=plans, configuration=configuration, fold=0, dataset_json=make_dataset_json(num_channels),
+               device=CPU)
+
+
+def test_missing_weights_is_one_clear_sentence(nnunet_env):
+    with pytest.raises(SMITError) as info:
+        make_trainer(nnUNetTrainerSMIT, make_plans())
+    message = str(info.value)
+    assert WEIGHTS_ENV in message and "nnUNetTrainerSMITScratch" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_2d_configuration_refused(nnunet_env, tiny_weights):
+    with pytest.raises(SMITError, match="3D configuration") as info:
+        make_trainer(nnUNetTrainerSMIT, make_plans(), configuration="2d")
+    assert "'2d'" in str(info.value)
+
+
+def test_plans_carry_settings_fitted_patch_and_checkpoint(nnunet_env, tiny_weights):
+    path, sha = tiny_weights
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    conf = trainer.plans_manager.plans["configurations"]["3d_fullres"]
+    assert conf["patch_size"] == [64, 64, 64] and conf["batch_size"] == 2
+    assert trainer.configuration_manager.patch_size == [64, 64, 64]
+    settings = conf["smit"]
+    assert settings["encoder_config"] == SMITConfig.preset("tiny").to_dict()  # architecture from the checkpoint
+    assert settings["weights"]["sha256"] == sha and settings["weights"]["path"] == str(path)
+    assert settings["pretrain_preprocessing"]["hu_window"] == [-500.0, 500.0]
+    assert settings["intensity_mapping"][0]["mean"] == 100.0
+    assert settings["patch_fit"]["planned_patch_size"] == [48, 80, 80]
+
+
+def test_fixed_patch_variant(nnunet_env, tiny_weights):
+    trainer = make_trainer(nnUNetTrainerSMIT_96, make_plans())
+    assert trainer.configuration_manager.patch_size == [96, 96, 96]
+
+
+def test_network_from_plans_alone_with_and_without_deep_supervision(nnunet_env, tiny_weights):
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    plans_manager = PlansManager(trainer.plans_manager.plans)  # what prediction rebuilds from plans.json
+    cm = plans_manager.get_configuration("3d_fullres")
+    with_ds = nnUNetTrainerSMIT.build_network_architecture(plans_manager, cm, 1, 3, True)
+    without = nnUNetTrainerSMIT.build_network_architecture(plans_manager, cm, 1, 3, False)
+    assert list(with_ds.state_dict()) == list(without.state_dict())
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        outputs = with_ds.train()(torch.randn(2, 1, 64, 64, 64))
+    assert [tuple(o.shape[2:]) for o in outputs] == [(64 // 2**i,) * 3 for i in range(5)]
+    assert trainer._get_deep_supervision_scales() == [[1 / 2**i] * 3 for i in range(5)]
+    assert without.eval()(x).shape == (1, 3, 64, 64, 64)
+
+
+def test_cascade_extra_channels_are_not_intensity_mapped(nnunet_env, tiny_weights):
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans(), configuration="3d_cascade_fullres")
+    cm = trainer.configuration_manager
+    assert cm.previous_stage_name == "3d_lowres" and cm.patch_size == [64, 64, 64]
+    net = nnUNetTrainerSMIT.build_network_architecture(trainer.plans_manager, cm, 3, 3, False)
+    assert net.input_mapping.mapped.flatten().tolist() == [True, False, False]
+    one_hot = torch.zeros(1, 2, 64, 64, 64)
+    one_hot[:, 0, :32] = 1.0
+    mapped = net.input_mapping(torch.cat([torch.randn(1, 1, 64, 64, 64), one_hot], 1))
+    assert torch.equal(mapped[:, 1:], one_hot)
+
+
+def test_lowres_configuration_is_fitted(nnunet_env, tiny_weights):
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans(), configuration="3d_lowres")
+    assert trainer.configuration_manager.patch_size == [64, 64, 64]
+
+
+def test_multichannel_dataset_loads_single_channel_checkpoint(nnunet_env, tiny_weights):
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans(("CTNormalization", "ZScoreNormalization")), num_channels=2)
+    settings = trainer.configuration_manager.configuration["smit"]
+    assert settings["intensity_mapping"][1] is None
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 2, 3)
+    trainer._load_pretrained_encoder()
+    log = Path(trainer.log_file).read_text()
+    assert "missing keys: 0; unexpected keys: 0; shape mismatches: 0" in log
+    assert "repeated over 2 input channels" in log
+    assert tiny_weights[1] in log
+
+
+def test_scratch_needs_no_weights_and_uses_its_preset(nnunet_env):
+    trainer = make_trainer(nnUNetTrainerSMITScratch_tiny, make_plans())
+    settings = trainer.configuration_manager.configuration["smit"]
+    assert settings["encoder_config"] == SMITConfig.preset("tiny").to_dict() and settings["weights"] is None
+
+
+def test_spacing_far_from_pretraining_is_warned_with_numbers(nnunet_env, tiny_weights):
+    plans = make_plans()
+    plans["configurations"]["3d_fullres"]["spacing"] = [5.0, 0.7, 0.7]
+    trainer = make_trainer(nnUNetTrainerSMIT, plans)
+    log = Path(trainer.log_file).read_text()
+    assert "WARNING: the dataset spacing [5.0, 0.7, 0.7] mm" in log and "[2.0, 2.0, 2.0]" in log
+
+
+def test_optimizer_groups_and_frozen_encoder(nnunet_env, tiny_weights):
+    for cls, encoder_trains in ((nnUNetTrainerSMIT, True), (nnUNetTrainerSMITFrozenEncoder, False)):
+        trainer = make_trainer(cls, make_plans())
+        trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                                             1, 3)
+        optimizer, scheduler = trainer.configure_optimizers()
+        assert isinstance(optimizer, torch.optim.AdamW)
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        encoder_params = list(trainer.network.encoder.parameters())
+        assert all((id(p) in in_optimizer) == encoder_trains for p in encoder_params)
+        assert all(p.requires_grad == encoder_trains for p in encoder_params)
+        scheduler.step(trainer.warmup_epochs)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(trainer.initial_lr)
+
+
+def test_compile_only_when_asked(nnunet_env, tiny_weights, monkeypatch):
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    trainer.device = torch.device("cuda")  # the decision, not a CUDA run
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    assert trainer._do_i_compile() is False
+    monkeypatch.setenv("nnUNet_compile", "t")
+    assert trainer._do_i_compile() is True
