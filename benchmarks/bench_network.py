@@ -1,0 +1,199 @@
+"""Benchmark SMITNet against MONAI SwinUNETR (feature 48) and nnU-Net's default PlainConvUNet at one patch size.
+
+For each network and patch: forward time, forward+backward time, peak memory, FLOPs counted by
+``torch.utils.flop_counter`` and the achieved FLOP rate; then ratios against the two baselines, measured
+side by side in this one run. Each (network, patch) runs in its own subprocess so peak memory is its own.
+
+    python benchmarks/bench_network.py                      # CPU: smit_small at 96^3 and 128^3, fp32
+    python benchmarks/bench_network.py --device cuda --dtype bf16 --json out.json
+
+Speed and memory goals live here, not in tests (see the README's performance section).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+NETWORKS = ("smit", "swinunetr", "plainconvunet")
+NUM_CLASSES = 14
+# Peak dense bf16 matrix throughput of cards we may meet, for the "% of peak" figure.
+GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def build(name: str, patch: int, preset: str):
+    import torch
+    from torch import nn
+
+    if name == "smit":
+        from nnunet_smit.architectures import SMITConfig, SMITNet
+
+        return SMITNet(SMITConfig.preset(preset), 1, NUM_CLASSES, deep_supervision=True)
+    if name == "swinunetr":
+        from monai.networks.nets import SwinUNETR
+
+        return SwinUNETR(in_channels=1, out_channels=NUM_CLASSES, feature_size=48, use_checkpoint=False)
+    if name == "plainconvunet":
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+        from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+        # nnU-Net's default 3d_fullres topology for an isotropic patch of this size.
+        _, strides, kernels, _, _ = get_pool_and_conv_props([1.0] * 3, [patch] * 3, 4, 999999)
+        n_stages = len(strides)
+        return PlainConvUNet(
+            1, n_stages, [min(32 * 2**i, 320) for i in range(n_stages)], nn.Conv3d, kernels, strides,
+            [2] * n_stages, NUM_CLASSES, [2] * (n_stages - 1), conv_bias=True, norm_op=nn.InstanceNorm3d,
+            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+            deep_supervision=True,
+        )
+    raise ValueError(name)
+
+
+def _loss(out):
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return sum(o.float().mean() for o in outs)
+
+
+def run_case(name: str, patch: int, device: str, dtype: str, repeats: int, preset: str) -> Dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    net = build(name, patch, preset).to(dev).train()
+    x = torch.randn(2 if device == "cuda" else 1, 1, patch, patch, patch, device=dev)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def forward():
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            return net(x)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        _loss(forward()).backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_fwd_bwd = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        forward()
+    flops_fwd = counter.get_total_flops()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timings = {}
+    for label, fn in (("forward", lambda: forward()), ("forward_backward", step)):
+        with torch.set_grad_enabled(label == "forward_backward"):
+            fn()  # warm-up (and cudnn autotune)
+            sync()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - start)
+        timings[label] = min(times)
+    if dev.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux: the growth during this process' steps
+        peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_before) / 1024
+    return {
+        "network": name,
+        "patch": patch,
+        "batch": int(x.shape[0]),
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+        "forward_s": timings["forward"],
+        "forward_backward_s": timings["forward_backward"],
+        "peak_memory_mb": peak_mb,
+        "gflops_forward": flops_fwd / 1e9,
+        "gflops_forward_backward": flops_fwd_bwd / 1e9,
+        "achieved_tflops_forward_backward": flops_fwd_bwd / timings["forward_backward"] / 1e12,
+    }
+
+
+def describe_machine(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", type=int, nargs="+", default=[96, 128])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--preset", default="smit_small")
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
+    parser.add_argument("--json", help="write all figures to this file")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: NAME:PATCH, one case in this process
+    args = parser.parse_args(argv)
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+
+    if args.case:
+        name, patch = args.case.split(":")
+        print(json.dumps(run_case(name, int(patch), args.device, dtype, args.repeats, args.preset)))
+        return 0
+
+    results = []
+    for patch in args.patches:
+        for name in args.networks:
+            cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{name}:{patch}", "--device", args.device,
+                   "--dtype", dtype, "--repeats", str(args.repeats), "--preset", args.preset]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name} @ {patch}^3 failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = results[-1]
+            print(f"{name:14s} {patch:4d}^3  fwd {r['forward_s']:8.3f} s  fwd+bwd {r['forward_backward_s']:8.3f} s  "
+                  f"peak {r['peak_memory_mb']:9.0f} MB  {r['gflops_forward_backward']:9.1f} GFLOP  "
+                  f"{r['achieved_tflops_forward_backward'] * 1e3:8.1f} GFLOP/s", flush=True)
+
+    machine = describe_machine(args.device)
+    print(f"\nmachine: {machine}; dtype {dtype}; best of {args.repeats}")
+    ratios = []
+    for patch in args.patches:
+        by = {r["network"]: r for r in results if r["patch"] == patch}
+        if "smit" not in by:
+            continue
+        smit = by["smit"]
+        row = {"patch": patch}
+        if "swinunetr" in by:
+            row["time_vs_swinunetr"] = smit["forward_backward_s"] / by["swinunetr"]["forward_backward_s"]
+            row["memory_vs_swinunetr"] = smit["peak_memory_mb"] / by["swinunetr"]["peak_memory_mb"]
+        if "plainconvunet" in by:
+            row["time_vs_plainconvunet"] = smit["forward_backward_s"] / by["plainconvunet"]["forward_backward_s"]
+            row["flop_rate_vs_plainconvunet"] = (
+                smit["achieved_tflops_forward_backward"] / by["plainconvunet"]["achieved_tflops_forward_backward"]
+            )
+        if args.device == "cuda":
+            name = describe_machine("cuda")
+            peak = next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), None)
+            if peak:
+                row["smit_fraction_of_bf16_peak"] = smit["achieved_tflops_forward_backward"] / peak
+        ratios.append(row)
+        print(f"{patch}^3: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "patch"))
+    print("goals: time_vs_swinunetr <= 0.70, flop_rate_vs_plainconvunet >= 1.00, on GPU bf16 >= 35% of peak")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "dtype": dtype, "results": results, "ratios": ratios}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
