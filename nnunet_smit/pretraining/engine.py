@@ -276,8 +276,10 @@ class PretrainTrainer:
         source: scans (``CacheIndex`` or anything with ``case_ids``, ``load`` and ``preprocessing``).
         output_dir: where checkpoints, logs, plots and the export go.
         dist_info: this process in the job (from :func:`init_distributed`); single CPU/GPU process if None.
-        data_summary: JSON-able description of the data (cache summary), stored with the run and the export.
-        manifest: JSON-able list of the cached cases (cache manifest), stored in ``checkpoint_latest``.
+        data_summary: JSON-able description of the data, stored with the run and the export (default: the
+            source's ``summary()``).
+        manifest: JSON-able list of the cached cases, stored in ``checkpoint_latest`` (default: the source's
+            ``manifest``).
     """
 
     def __init__(
@@ -294,6 +296,10 @@ class PretrainTrainer:
         self.output_dir = Path(output_dir)
         self.dist = dist_info or DistInfo(device=select_device(config.device))
         self.device = self.dist.device
+        if data_summary is None and hasattr(source, "summary"):
+            data_summary = source.summary()
+        if manifest is None:
+            manifest = getattr(source, "manifest", None)
         self.data_summary = _json_plain(data_summary or {})
         self.manifest = _json_plain(manifest or {})
         self.preprocessing: PretrainPreprocessing = source.preprocessing
@@ -304,11 +310,9 @@ class PretrainTrainer:
         self._stop_signal: Optional[str] = None
         self._last_checkpoint_time = time.monotonic()
 
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True)
-            if self.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.backends.cudnn.benchmark = False
+        if config.deterministic and self.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
         # Same initial weights on every process (DDP also broadcasts rank 0's); per-rank drop-path streams.
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -590,9 +594,13 @@ class PretrainTrainer:
             return self.export()
 
         previous = self._install_signal_handlers()
+        deterministic_before = torch.are_deterministic_algorithms_enabled()
         try:
+            if self.config.deterministic:
+                torch.use_deterministic_algorithms(True)
             self._train_loop()
         finally:
+            torch.use_deterministic_algorithms(deterministic_before)
             self._restore_signal_handlers(previous)
         return self.export()
 
