@@ -1,0 +1,77 @@
+"""smit_pretrain end to end: export and last output line, clear errors, and a 2-process DDP run (gloo)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_smit.pretraining.cli import main
+from tests.pretraining.training_support import phantom_dirs
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_ARGS = [
+    "--preset", "tiny", "--view_size", "64", "--region_size", "80", "--batch_size", "1", "--samples_per_epoch", "4",
+    "--epochs", "5", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--head_out_dim", "128",
+    "--num_workers", "0", "--device", "cpu", "--no_progress", "--preview_every_epochs", "1",
+]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+def test_max_steps_exports_and_prints_the_path_last(tmp_path_factory, tmp_path):
+    data, cache = phantom_dirs(tmp_path_factory)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "nnunet_smit.pretraining.cli", "-d", str(data), "-o", str(out),
+               "--cache_dir", str(cache), "--max_steps", "4", *TINY_ARGS]
+    result = subprocess.run(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line == str(out / "smit_encoder_teacher.pt") and Path(last_line).is_file()
+    # One epoch is 4 steps: the loss curves and the first epoch's reconstruction preview exist.
+    assert (out / "plots" / "loss_curves.png").is_file()
+    assert (out / "plots" / "reconstruction_epoch0001.png").is_file()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["finished"] is False
+
+
+def test_missing_input_folder_is_a_one_line_error(tmp_path, capsys):
+    code = main(["-d", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), *TINY_ARGS])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_folder_without_scans_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no scans here")
+    code = main(["-d", str(tmp_path / "empty"), "-o", str(tmp_path / "out"), *TINY_ARGS])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith("error: ") and "Traceback" not in captured.err
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
+def test_two_process_ddp_run_agrees_on_the_weights(tmp_path_factory, tmp_path):
+    data, cache = phantom_dirs(tmp_path_factory)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "nnunet_smit.pretraining.cli", "-d", str(data), "-o", str(out), "--cache_dir", str(cache),
+               "--max_steps", "2", *TINY_ARGS]
+    result = subprocess.run(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 2 and summary["steps"] == 2
+    per_rank = summary["weights_checksums_per_rank"]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
+    assert (out / "smit_encoder_teacher.pt").is_file()
+    # Rank 0 alone wrote the log; the world size reached the log records.
+    starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in starts if r["event"] == "start"] == [2]
