@@ -7,7 +7,8 @@ from nnunet_smit.errors import SMITError
 from nnunet_smit.trainers.patch_fitting import fit_patch_size
 
 PLANS = [
-    ((48, 80, 80), 2),  # the synthetic test dataset
+    ((40, 64, 56), 2),  # the synthetic test dataset
+    ((48, 80, 80), 2),
     ((80, 160, 160), 2),
     ((128, 112, 112), 2),
     ((56, 224, 192), 2),
@@ -48,7 +49,8 @@ def test_conforming_plan_is_unchanged():
 
 
 def test_known_choices():
-    # What the README reports; the test dataset plans (48, 80, 80) x 2.
+    # What the README reports; the test dataset plans (40, 64, 56) x 2.
+    assert fit_patch_size((40, 64, 56), 2).patch_size == (64, 64, 64)
     assert fit_patch_size((48, 80, 80), 2).patch_size == (64, 64, 64)
     assert fit_patch_size((80, 160, 160), 2).patch_size == (96, 160, 160)
     assert fit_patch_size((128, 112, 112), 2).patch_size == (128, 128, 128)
