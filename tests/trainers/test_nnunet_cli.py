@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -125,6 +124,7 @@ def test_results_folder_predicts_through_nnunet_predictor(pipeline, tmp_path, mo
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_smit.architectures import SMITNet
+    from nnunet_smit.trainers.nnUNetTrainerSMIT import load_nnunet_checkpoint
 
     monkeypatch.delenv("nnUNet_SMIT_weights", raising=False)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
@@ -135,8 +135,9 @@ def test_results_folder_predicts_through_nnunet_predictor(pipeline, tmp_path, mo
     network = predictor.network
     assert isinstance(network, SMITNet) and network.decoder.deep_supervision is False
     assert network.input_mapping is not None
-    saved = torch.load(pipeline["output_folder"] / "fold_0" / "checkpoint_final.pth", map_location="cpu",
-                       weights_only=False)["network_weights"]
+    # nnU-Net's own checkpoint reads weights-only (tensors, plain types, numpy scalars)
+    saved = load_nnunet_checkpoint(str(pipeline["output_folder"] / "fold_0" / "checkpoint_final.pth"),
+                                   "cpu")["network_weights"]
     network.load_state_dict(predictor.list_of_parameters[0])  # strict: raises on any key difference
     assert list(network.state_dict()) == list(saved)
     for key, value in network.state_dict().items():
