@@ -161,8 +161,9 @@ def run(args: argparse.Namespace) -> Path:
         sources.append(demo_dir)
     if not sources:
         raise SMITError("no input folder given; pass -d DIR (repeatable) or --demo.")
-    for source in sources:
-        if not source.is_dir() and not (args.demo and source == output / "demo_data"):
+    # Only rank 0 reads the scans (it builds the cache), so only it needs the folders.
+    for source in sources if int(os.environ.get("RANK", "0")) == 0 else []:
+        if not source.is_dir():
             raise SMITError(f"input folder {source} does not exist or is not a folder; pass an existing folder with -d.")
     config = config_from_args(args)
     preprocessing_kwargs: Dict[str, Any] = {}
@@ -199,7 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(interrupted.message, file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing to resume yet.", file=sys.stderr)
+        print("interrupted; rerun the same command to resume from the last saved checkpoint, if one was written.",
+              file=sys.stderr)
         return 130
     sys.stderr.flush()
     if int(os.environ.get("RANK", "0")) == 0:

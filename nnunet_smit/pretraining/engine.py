@@ -498,12 +498,15 @@ class PretrainTrainer:
         for sig, old in previous.items():
             signal.signal(sig, old)
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+    def _sync_flags(self, checkpoint_due: bool) -> Tuple[bool, bool]:
+        """(stop requested, checkpoint due) agreed by all processes: any process's signal stops all, and the
+        clock-based checkpoint decision cannot differ between processes (they must save together)."""
+        flags = torch.tensor([1.0 if self._stop_signal else 0.0, 1.0 if checkpoint_due else 0.0])
         if self.dist.distributed:
-            flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            flags = flags.to(self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, due = flags.tolist()
+        return stop > 0, due > 0
 
     def request_stop(self, reason: str = "request") -> None:
         """Ask the loop to save and stop after the current step (what SIGINT/SIGTERM do)."""
@@ -646,12 +649,12 @@ class PretrainTrainer:
                     window_start = time.perf_counter()
                 if epoch_end and self.dist.is_main:
                     self._epoch_outputs(epoch, out.preview)
-                stop = self._stop_requested()
                 due = (
                     (config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
                     or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
                     or epoch_end
                 )
+                stop, due = self._sync_flags(bool(due))
                 if stop or last or due:
                     self.save_checkpoint()
                 if stop:

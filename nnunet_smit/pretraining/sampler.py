@@ -12,6 +12,7 @@ have drawn. :class:`EpochShardSampler` shards positions over processes like ``Di
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
@@ -271,6 +272,8 @@ def make_worker_init_fn(seed: int, rank: int):
     """
 
     def init(worker_id: int) -> None:
+        # Ctrl-C reaches the whole process group: the main process saves and stops, workers must not die first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         worker_seed = int(np.random.SeedSequence([seed, rank, worker_id]).generate_state(1)[0])
         random.seed(worker_seed)
         np.random.seed(worker_seed)
