@@ -45,7 +45,7 @@ CONFIG_OPTIONS = (
     "mask_ratio", "mask_cube_size", "weight_dino", "weight_ibot", "weight_reconstruction", "head_hidden_dim",
     "head_bottleneck_dim", "head_out_dim", "head_layers", "intensity_jitter", "body_bias", "precision",
     "device", "num_workers", "seed", "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
-    "log_every_steps", "preview_every_epochs", "export",
+    "log_every_steps", "preview_every_epochs", "export", "centering",
 )
 
 
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_temp_end", type=float, help="teacher temperature after warm-up (0.07)")
     parser.add_argument("--teacher_temp_warmup_epochs", type=float, help="teacher temperature warm-up (30)")
     parser.add_argument("--student_temp", type=float, help="student temperature (0.1)")
+    parser.add_argument("--centering", choices=("sinkhorn_knopp", "center"),
+                        help="teacher centering of DINO and iBOT: center (running mean, default) or sinkhorn_knopp")
     parser.add_argument("--mask_ratio", type=float, help="share of masked cubes per view (0.7)")
     parser.add_argument("--mask_cube_size", type=int, help="masking cube edge in voxels (16)")
     parser.add_argument("--weight_dino", type=float, help="weight of the global DINO loss (0.1)")

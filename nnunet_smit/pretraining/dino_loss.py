@@ -24,6 +24,63 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+CENTERING_MODES = ("sinkhorn_knopp", "center")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes in place (no-op without an initialised process group)."""
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp centering: (N, K) teacher logits -> (N, K) per-sample probabilities (fp32).
+
+    ``Q = exp(logits / teacher_temp)`` is read as a K x N_total transport plan over the samples of *all*
+    processes (N_total = sum of N over ranks, so ranks may hold different N, as with masked tokens) and
+    normalised ``n_iterations`` times alternately: every prototype gets mass 1/K, then every sample mass
+    1/N_total. The returned rows (one per local sample) sum to 1. Every sum is all-reduced under data parallelism,
+    so the result equals the single-process computation on the concatenated batch; every process must call it, also
+    with N = 0. A constant added to all logits, or to one prototype's logits, does not change the result (a per-sample
+    constant only once converged); each prototype's logits are shifted by their maximum before ``exp`` so that
+    nothing overflows.
+    """
+    logits = teacher_logits.float()
+    # A per-prototype shift cancels in the first (prototype) normalisation; shifting by each prototype's maximum
+    # over all samples of all processes keeps exp() finite and every prototype's largest entry at 1.
+    shift = logits.new_full((1, logits.shape[1]), float("-inf"))
+    if logits.shape[0]:
+        shift = logits.max(dim=0, keepdim=True).values
+    if _distributed():
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    if not bool(torch.isfinite(shift).all()):  # no sample on any process
+        return torch.zeros_like(logits)
+    q = torch.exp((logits - shift) / teacher_temp).t()  # (K, N)
+    num_prototypes = q.shape[0]
+    num_samples = all_reduce_sum(q.new_tensor([float(q.shape[1])]))
+    tiny = torch.finfo(q.dtype).tiny
+    q /= all_reduce_sum(q.sum().reshape(1)).clamp_min(tiny)
+    for _ in range(n_iterations):
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(tiny)  # prototypes: equal mass ...
+        q /= num_prototypes  # ... of 1/K each
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # samples: equal mass ...
+        q /= num_samples  # ... of 1/N_total each
+    q *= num_samples  # per-sample distributions
+    return q.t()
+
+
+def check_centering(centering: str) -> str:
+    if centering not in CENTERING_MODES:
+        raise ValueError(f"centering must be one of {', '.join(CENTERING_MODES)}, got {centering!r}.")
+    return centering
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over all processes in place (no-op without an initialised process group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -42,13 +99,32 @@ class DINOLoss(nn.Module):
         out_dim: number of prototypes K.
         student_temp: softmax temperature of the student (0.1).
         center_momentum: EMA momentum of the teacher center (0.9).
+        centering: ``"center"`` (running-mean center, default) or ``"sinkhorn_knopp"`` (over the global batch);
+            the center buffer is updated in both modes.
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iterations: int = 3,
+    ) -> None:
         super().__init__()
         self.student_temp = float(student_temp)
         self.center_momentum = float(center_momentum)
+        self.centering = check_centering(centering)
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """(N, K) teacher logits of all views -> (N, K) teacher probabilities with this loss's centering."""
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
+        return self.softmax_center_teacher(teacher_logits, teacher_temp)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -60,7 +136,7 @@ class DINOLoss(nn.Module):
 
         Args:
             student_logits: one (B, K) tensor per view.
-            teacher_probs: one (B, K) tensor per view (from :meth:`softmax_center_teacher`).
+            teacher_probs: one (B, K) tensor per view (from :meth:`teacher_probs`).
 
         Returns:
             scalar loss averaged over batch and view pairs.

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from nnunet_smit.architectures import SMITConfig
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.dino_loss import CENTERING_MODES
 from nnunet_smit.pretraining.model import HeadConfig, ObjectiveWeights, SMITPretrainModel, teacher_collapse_stats
 from nnunet_smit.pretraining.sampler import EpochShardSampler, TwoViewDataset, ViewSampling, VolumeSource, make_worker_init_fn
 from nnunet_smit.pretraining.schedules import PretrainSchedules
@@ -91,6 +92,7 @@ class PretrainConfig:
     teacher_temp_end: float = 0.07
     teacher_temp_warmup_epochs: float = 30
     center_momentum: float = 0.9
+    centering: str = "center"
     momentum_teacher: float = 0.996
     # Optimisation
     batch_size: int = 6
@@ -130,6 +132,8 @@ class PretrainConfig:
             raise SMITError(f"view size must be a multiple of 32 voxels, got {self.view_size}.")
         if self.epochs < 1:
             raise SMITError("epochs must be at least 1.")
+        if self.centering not in CENTERING_MODES:
+            raise SMITError(f"centering must be one of {', '.join(CENTERING_MODES)}, got {self.centering!r}.")
 
     def encoder_config(self) -> SMITConfig:
         return SMITConfig.preset(self.preset, **self.encoder_overrides)
@@ -348,6 +352,7 @@ class PretrainTrainer:
             mask_cube_size=config.mask_cube_size,
             student_temp=config.student_temp,
             center_momentum=config.center_momentum,
+            centering=config.centering,
             separate_patch_head=config.separate_patch_head,
             gradient_checkpointing=config.gradient_checkpointing,
         ).to(self.device)
@@ -454,7 +459,8 @@ class PretrainTrainer:
             ) from error
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise SMITError(f"{self.checkpoint_path} is not a pretraining state; use another output folder.")
-        saved = PretrainConfig.from_dict(state["config"]).training_fields()
+        # Runs saved before the centering setting existed used the running-mean center.
+        saved = PretrainConfig.from_dict({"centering": "center", **state["config"]}).training_fields()
         current = self.config.training_fields()
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if changed:

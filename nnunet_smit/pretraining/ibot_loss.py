@@ -1,8 +1,9 @@
 """iBOT masked patch-token self-distillation loss.
 
 On every masked token of a view, the student (which saw the mask token there) predicts the teacher's distribution
-of the same token (the teacher saw the whole view). The loss owns its center buffer, updated like DINO's from the
-masked teacher tokens and all-reduced under data parallelism.
+of the same token (the teacher saw the whole view). The teacher is centred by a running-mean center (default) or
+by Sinkhorn-Knopp over all masked tokens of all processes; the center buffer is updated in both modes, like
+DINO's, from the masked teacher tokens and all-reduced under data parallelism.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunet_smit.pretraining.dino_loss import all_reduce_mean
+from nnunet_smit.pretraining.dino_loss import all_reduce_mean, check_centering, sinkhorn_knopp
 
 
 class IBOTPatchLoss(nn.Module):
@@ -20,13 +21,36 @@ class IBOTPatchLoss(nn.Module):
         out_dim: number of prototypes K.
         student_temp: softmax temperature of the student (0.1).
         center_momentum: EMA momentum of the teacher center (0.9).
+        centering: ``"center"`` (running-mean center, default) or ``"sinkhorn_knopp"`` (over all masked tokens
+            of all processes); the center buffer is updated in both modes.
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iterations: int = 3,
+    ) -> None:
         super().__init__()
         self.student_temp = float(student_temp)
         self.center_momentum = float(center_momentum)
+        self.centering = check_centering(centering)
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """(M, K) teacher logits of masked tokens -> (M, K) probabilities with this loss's centering.
+
+        Under data parallelism every process must call this (also with M = 0): Sinkhorn-Knopp all-reduces its sums
+        and the token count.
+        """
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
+        return self.softmax_center_teacher(teacher_logits, teacher_temp)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:

@@ -174,6 +174,7 @@ class SMITPretrainModel(nn.Module):
         mask_cube_size: voxels per masking cube edge (16).
         student_temp: student softmax temperature (0.1).
         center_momentum: EMA momentum of the teacher centers (0.9).
+        centering: teacher centering of both losses, ``"sinkhorn_knopp"`` or ``"center"`` (running mean).
         separate_patch_head: separate heads for global and patch tokens (SMIT: True).
         gradient_checkpointing: recompute student encoder blocks in backward (the teacher needs no gradients).
     """
@@ -186,6 +187,7 @@ class SMITPretrainModel(nn.Module):
         mask_cube_size: int = 16,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "center",
         separate_patch_head: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -204,8 +206,9 @@ class SMITPretrainModel(nn.Module):
         self.teacher: Optional[StudentNetwork] = None
         if self.uses_teacher:
             self.teacher = self._copy_student_as_teacher()
-        self.dino_loss = DINOLoss(heads.out_dim, student_temp, center_momentum) if enabled["dino"] else None
-        self.ibot_loss = IBOTPatchLoss(heads.out_dim, student_temp, center_momentum) if enabled["ibot"] else None
+        loss_kwargs = dict(student_temp=student_temp, center_momentum=center_momentum, centering=centering)
+        self.dino_loss = DINOLoss(heads.out_dim, **loss_kwargs) if enabled["dino"] else None
+        self.ibot_loss = IBOTPatchLoss(heads.out_dim, **loss_kwargs) if enabled["ibot"] else None
 
     def _copy_student_as_teacher(self) -> StudentNetwork:
         """The teacher starts as an exact copy of the student (without mask token and reconstruction head)."""
@@ -295,7 +298,7 @@ class SMITPretrainModel(nn.Module):
             with torch.no_grad():
                 t_out = self.teacher(x, None, tap_mask)
             if self.dino_loss is not None:
-                t_probs = self.dino_loss.softmax_center_teacher(t_out.global_logits, teacher_temp)
+                t_probs = self.dino_loss.teacher_probs(t_out.global_logits, teacher_temp)
                 loss = self.dino_loss(s_out.global_logits.chunk(num_views), t_probs.chunk(num_views))
                 terms["dino"] = loss
                 total = total + self.weights.dino * loss
@@ -303,7 +306,7 @@ class SMITPretrainModel(nn.Module):
                 if update_centers:
                     self.dino_loss.update_center(t_out.global_logits)
             if self.ibot_loss is not None:
-                t_probs = self.ibot_loss.softmax_center_teacher(t_out.patch_logits, teacher_temp)
+                t_probs = self.ibot_loss.teacher_probs(t_out.patch_logits, teacher_temp)
                 view_index = tap_mask.flatten(1).nonzero()[:, 0]
                 loss = self.ibot_loss(s_out.patch_logits, t_probs, view_index, x.shape[0])
                 terms["ibot"] = loss

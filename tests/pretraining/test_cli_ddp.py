@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_smit.pretraining.cli import main
+from nnunet_smit.pretraining.cli import build_parser, config_from_args, main
 from tests.pretraining.training_support import phantom_dirs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +41,14 @@ def test_max_steps_exports_and_prints_the_path_last(tmp_path_factory, tmp_path):
     assert summary["steps"] == 4 and summary["finished"] is False
 
 
+def test_centering_option_reaches_the_config():
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["-o", "x", "--centering", "sinkhorn_knopp"])).centering == "sinkhorn_knopp"
+    assert config_from_args(parser.parse_args(["-o", "x", "--centering", "center"])).centering == "center"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-o", "x", "--centering", "mean"])
+
+
 def test_missing_input_folder_is_a_one_line_error(tmp_path, capsys):
     code = main(["-d", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), *TINY_ARGS])
     captured = capsys.readouterr()
@@ -59,11 +67,12 @@ def test_folder_without_scans_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
 def test_two_process_ddp_run_agrees_on_the_weights(tmp_path_factory, tmp_path):
+    # Sinkhorn-Knopp centering all-reduces its sums and the masked-token count across the processes.
     data, cache = phantom_dirs(tmp_path_factory)
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "nnunet_smit.pretraining.cli", "-d", str(data), "-o", str(out), "--cache_dir", str(cache),
-               "--max_steps", "2", *TINY_ARGS]
+               "--max_steps", "2", "--centering", "sinkhorn_knopp", *TINY_ARGS]
     result = subprocess.run(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -72,6 +81,7 @@ def test_two_process_ddp_run_agrees_on_the_weights(tmp_path_factory, tmp_path):
     per_rank = summary["weights_checksums_per_rank"]
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
     assert (out / "smit_encoder_teacher.pt").is_file()
+    assert json.loads((out / "pretrain_config.json").read_text())["pretrain_config"]["centering"] == "sinkhorn_knopp"
     # Rank 0 alone wrote the log; the world size reached the log records.
     starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in starts if r["event"] == "start"] == [2]

@@ -62,6 +62,7 @@ def test_log_records_every_term_and_runtime_figures(uninterrupted):
     assert (trainer.output_dir / "plots" / "loss_curves.png").stat().st_size > 0
     saved = json.loads((trainer.output_dir / "pretrain_config.json").read_text())
     assert saved["pretrain_config"]["max_steps"] == RESUME_STEPS
+    assert saved["pretrain_config"]["centering"] == trainer.config.centering == trainer.model.dino_loss.centering
 
 
 def test_collapse_floors_reject_collapsed_outputs():
@@ -80,7 +81,7 @@ def test_teacher_output_does_not_collapse(uninterrupted):
     views = batch["views"].flatten(0, 1)
     with torch.no_grad():
         logits = model.teacher(views, None, None).global_logits
-        probs = model.dino_loss.softmax_center_teacher(logits, trainer.schedules.teacher_temp(trainer.step))
+        probs = model.dino_loss.teacher_probs(logits, trainer.schedules.teacher_temp(trainer.step))
     stats = teacher_collapse_stats(probs)
     k = probs.shape[1]
     # Floors: not one prototype for every view (marginal entropy well above 0), not uniform (per-view entropy
@@ -114,7 +115,7 @@ def test_teacher_stays_sharp_and_input_dependent_over_training(cache, tmp_path):
     batch = torch.utils.data.default_collate([trainer.dataset.sample(i % 4, 2000 + i) for i in range(4)])
     with torch.no_grad():
         logits = trainer.model.teacher(batch["views"].flatten(0, 1), None, None).global_logits
-        probs = trainer.model.dino_loss.softmax_center_teacher(logits, trainer.schedules.teacher_temp(trainer.step))
+        probs = trainer.model.dino_loss.teacher_probs(logits, trainer.schedules.teacher_temp(trainer.step))
     stats = teacher_collapse_stats(probs)
     # Views must land on different prototypes: a per-prototype spread over the 8 views of at least the mean
     # probability 1/K (a uniform teacher has 0; the collapsing one measured 0.4/K).
@@ -161,6 +162,21 @@ def test_resume_with_other_settings_is_refused(cache, tmp_path):
     PretrainTrainer(tiny_config(max_steps=1), cache, tmp_path).fit()
     with pytest.raises(SMITError, match="other settings"):
         PretrainTrainer(tiny_config(max_steps=2, mask_ratio=0.5), cache, tmp_path).fit()
+    with pytest.raises(SMITError, match="centering"):
+        PretrainTrainer(tiny_config(max_steps=2, centering="sinkhorn_knopp"), cache, tmp_path).fit()
+
+
+def test_checkpoint_without_a_centering_setting_resumes_as_running_mean_center(cache, tmp_path):
+    # Checkpoints written before the setting existed were trained with the running-mean center.
+    PretrainTrainer(tiny_config(max_steps=1, centering="center"), cache, tmp_path).fit()
+    state = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    del state["config"]["centering"]
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(SMITError, match="centering: 'center' -> 'sinkhorn_knopp'"):
+        PretrainTrainer(tiny_config(max_steps=2, centering="sinkhorn_knopp"), cache, tmp_path).fit()
+    resumed = PretrainTrainer(tiny_config(max_steps=2, centering="center"), cache, tmp_path)
+    resumed.fit()
+    assert resumed.step == 2
 
 
 def test_checkpoint_holds_everything_to_resume(uninterrupted):
@@ -172,6 +188,7 @@ def test_checkpoint_holds_everything_to_resume(uninterrupted):
     assert any(k.startswith("student.recon_head.") for k in keys)
     for key in ("optimizer", "scaler", "step", "epoch", "rng_per_rank", "config", "manifest", "preprocessing"):
         assert key in state, key
+    assert state["config"]["centering"] == trainer.config.centering
     assert state["manifest"]["cases"], "the data manifest travels with the state"
 
 
