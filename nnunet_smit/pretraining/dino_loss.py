@@ -101,18 +101,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class DINOLoss(nn.Module):
-    """Cross-view cross-entropy between teacher and student global-token distributions.
-
-    For views a and b: ``mean(CE(teacher[a], student[b]), CE(teacher[b], student[a]))``, i.e. every teacher view
-    against every *other* student view.
+class CenteredTeacherLoss(nn.Module):
+    """What the DINO and iBOT losses share: the teacher's centring and sharpening, and the center buffer.
 
     Args:
         out_dim: number of prototypes K.
         student_temp: softmax temperature of the student (0.1).
         center_momentum: EMA momentum of the teacher center (0.9).
-        centering: ``"center"`` (running-mean center, default) or ``"sinkhorn_knopp"`` (over the global batch);
-            the center buffer is updated in both modes.
+        centering: ``"center"`` (running-mean center, default) or ``"sinkhorn_knopp"`` (over the global batch, or
+            all masked tokens of all processes); the center buffer is updated in both modes.
         sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
     """
 
@@ -133,7 +130,11 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """(N, K) teacher logits of all views -> (N, K) teacher probabilities with this loss's centering."""
+        """(N, K) teacher logits -> (N, K) teacher probabilities with this loss's centering.
+
+        Under data parallelism every process must call this (also with N = 0): Sinkhorn-Knopp all-reduces its sums
+        and the sample count.
+        """
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
         return self.softmax_center_teacher(teacher_logits, teacher_temp)
@@ -142,6 +143,26 @@ class DINOLoss(nn.Module):
     def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """(N, K) teacher logits -> (N, K) centred, sharpened probabilities (fp32)."""
         return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """EMA update of the center from this step's (N, K) teacher logits, the mean over all processes' rows.
+
+        Every process contributes its sum and row count, so processes with different N (masked iBOT tokens) weigh
+        by their rows.
+        """
+        stats = torch.cat([teacher_logits.float().sum(dim=0), teacher_logits.new_tensor([teacher_logits.shape[0]]).float()])
+        all_reduce_mean(stats)
+        batch_center = (stats[:-1] / stats[-1].clamp_min(1e-12))[None]
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+class DINOLoss(CenteredTeacherLoss):
+    """Cross-view cross-entropy between teacher and student global-token distributions.
+
+    For views a and b: ``mean(CE(teacher[a], student[b]), CE(teacher[b], student[a]))``, i.e. every teacher view
+    against every *other* student view. Arguments as :class:`CenteredTeacherLoss`.
+    """
 
     def forward(self, student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Cross-view loss.
@@ -163,10 +184,3 @@ class DINOLoss(nn.Module):
                 total = total - (t * log_p).sum(dim=-1).mean()
                 pairs += 1
         return total / max(pairs, 1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA update of the center from (N, K) teacher logits of this step, averaged over all processes."""
-        batch_center = teacher_logits.float().mean(dim=0, keepdim=True)
-        all_reduce_mean(batch_center)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)

@@ -8,54 +8,17 @@ DINO's, from the masked teacher tokens and all-reduced under data parallelism.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunet_smit.pretraining.dino_loss import all_reduce_mean, check_centering, sinkhorn_knopp
+from nnunet_smit.pretraining.dino_loss import CenteredTeacherLoss
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredTeacherLoss):
     """Cross-entropy between teacher and student patch-token distributions on masked tokens.
 
-    Args:
-        out_dim: number of prototypes K.
-        student_temp: softmax temperature of the student (0.1).
-        center_momentum: EMA momentum of the teacher center (0.9).
-        centering: ``"center"`` (running-mean center, default) or ``"sinkhorn_knopp"`` (over all masked tokens
-            of all processes); the center buffer is updated in both modes.
-        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
+    Arguments as :class:`~nnunet_smit.pretraining.dino_loss.CenteredTeacherLoss`; with ``"sinkhorn_knopp"`` the
+    teacher is normalised over all masked tokens of all processes.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        self.student_temp = float(student_temp)
-        self.center_momentum = float(center_momentum)
-        self.centering = check_centering(centering)
-        self.sinkhorn_iterations = int(sinkhorn_iterations)
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """(M, K) teacher logits of masked tokens -> (M, K) probabilities with this loss's centering.
-
-        Under data parallelism every process must call this (also with M = 0): Sinkhorn-Knopp all-reduces its sums
-        and the token count.
-        """
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
-        return self.softmax_center_teacher(teacher_logits, teacher_temp)
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """(M, K) teacher logits of masked tokens -> (M, K) centred, sharpened probabilities (fp32)."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, token_view_index: torch.Tensor, num_views: int
@@ -78,15 +41,3 @@ class IBOTPatchLoss(nn.Module):
         if not bool(has_tokens.any()):
             return per_token.sum() * 0.0
         return (sums[has_tokens] / counts[has_tokens]).mean()
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA update of the center from (M, K) masked teacher logits, averaged over all processes.
-
-        Every process contributes its token sum and count so that the center is the mean over all masked tokens.
-        """
-        stats = torch.cat([teacher_logits.float().sum(dim=0), teacher_logits.new_tensor([teacher_logits.shape[0]]).float()])
-        all_reduce_mean(stats)
-        count = stats[-1].clamp_min(1e-12)
-        batch_center = (stats[:-1] / count)[None]
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
