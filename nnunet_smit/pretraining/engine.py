@@ -633,9 +633,10 @@ class PretrainTrainer:
                 data_time += time.perf_counter() - fetch_start
                 epoch_end = (self.step + 1) % self.steps_per_epoch == 0
                 epoch = self.step // self.steps_per_epoch
-                want_preview = (
-                    epoch_end and self.dist.is_main and config.preview_every_epochs > 0
-                    and (epoch + 1) % config.preview_every_epochs == 0
+                final_step = self.step + 1 >= self.stop_step
+                # The last step of a run always leaves a preview, also when it stops inside an epoch.
+                want_preview = self.dist.is_main and config.preview_every_epochs > 0 and (
+                    (epoch_end and (epoch + 1) % config.preview_every_epochs == 0) or final_step
                 )
                 scalars, out = self.train_step(batch, with_preview=want_preview)
                 for key, value in scalars.items():
@@ -653,7 +654,7 @@ class PretrainTrainer:
                     self._log_window(window, window_steps, elapsed, data_time, epoch)
                     window, window_steps, data_time = {}, 0, 0.0
                     window_start = time.perf_counter()
-                if epoch_end and self.dist.is_main:
+                if (epoch_end or last) and self.dist.is_main:
                     self._epoch_outputs(epoch, out.preview)
                 due = (
                     (config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
