@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -57,12 +57,19 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, then rename it onto ``path``.
+
+    A reader (or a run killed half-way) sees either the old file or the complete new one, never a partial file.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,9 +105,9 @@ def save_encoder_checkpoint(
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(weights, tmp, metadata={"nnunet_smit": json.dumps(metadata)}))
+        atomic_write(path, lambda tmp: save_file(weights, tmp, metadata={"nnunet_smit": json.dumps(metadata)}))
     else:
-        _atomic_write(path, lambda tmp: torch.save({**metadata, "state_dict": weights}, tmp))
+        atomic_write(path, lambda tmp: torch.save({**metadata, "state_dict": weights}, tmp))
     return sha
 
 

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from nnunet_smit.architectures import SMITConfig
+from nnunet_smit.checkpoint import atomic_write, save_encoder_checkpoint
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.dino_loss import CENTERING_MODES
@@ -234,16 +235,6 @@ def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _json_plain(obj: Any) -> Any:
@@ -443,7 +434,7 @@ class PretrainTrainer:
         """Write ``checkpoint_latest.pt`` (rank 0; all ranks must call this under DDP for the RNG gather)."""
         state = self.state_dict()
         if self.dist.is_main:
-            atomic_torch_save(state, self.checkpoint_path)
+            atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
             logger.info("saved %s at step %d", self.checkpoint_path, self.step)
         self._last_checkpoint_time = time.monotonic()
 
@@ -743,8 +734,6 @@ class PretrainTrainer:
     # ----------------------------------------------------------------------------------------------------------
     def export(self) -> Path:
         """Write the teacher's (or student's) encoder with full metadata; returns its path on every rank."""
-        from nnunet_smit.checkpoint import save_encoder_checkpoint
-
         which = self.config.export
         side = self.model.teacher if which == "teacher" and self.model.teacher is not None else self.model.student
         if which == "teacher" and self.model.teacher is None:
