@@ -157,10 +157,10 @@ def _read_file(path: Path) -> Any:
         return tensors
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad or unsafe file
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception:  # torch raises many types for a bad or unsafe file; its text suggests unsafe loading
         raise CheckpointError(
-            f"{path} cannot be read as a weights-only torch checkpoint ({first_line[:200]})."
+            f"{path} cannot be read as a weights-only torch checkpoint: it is not a weights file, or it holds "
+            "Python objects that would need code to load (refused; convert it where it was made)."
         ) from None
 
 
