@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from nnunet_smit.architectures import SMITConfig
-from nnunet_smit.checkpoint import atomic_write, save_encoder_checkpoint
+from nnunet_smit.checkpoint import atomic_write, save_encoder_checkpoint, state_dict_sha256
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.dino_loss import CENTERING_MODES
@@ -240,15 +239,6 @@ def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 def _json_plain(obj: Any) -> Any:
     """A JSON round trip: only plain containers, numbers and strings remain."""
     return json.loads(json.dumps(obj, default=str))
-
-
-def weights_checksum(module: torch.nn.Module) -> str:
-    """sha256 over the module's state dict (names and bytes), to compare processes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -740,9 +730,9 @@ class PretrainTrainer:
             logger.warning("no teacher without distillation objectives; exporting the student.")
             which = "student"
         path = self.output_dir / f"smit_encoder_{which}.pt"
-        checksums = {"student": weights_checksum(self.model.student)}
+        checksums = {"student": state_dict_sha256(self.model.student.state_dict())}
         if self.model.teacher is not None:
-            checksums["teacher"] = weights_checksum(self.model.teacher)
+            checksums["teacher"] = state_dict_sha256(self.model.teacher.state_dict())
         ranks_checksums = [checksums]
         if self.dist.distributed:
             gathered: List[Any] = [None] * self.dist.world_size
