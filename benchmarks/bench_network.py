@@ -23,8 +23,10 @@ from typing import Dict, List
 
 NETWORKS = ("smit", "swinunetr", "plainconvunet")
 NUM_CLASSES = 14
-# Peak dense bf16 matrix throughput of cards we may meet, for the "% of peak" figure.
-GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Peak dense bf16 matrix throughput of cards we may meet, for the "% of peak" figure; the first key found in the
+# device name counts, so variants come before their family (the SXM parts).
+GPU_PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                        "A100": 312.0}
 
 
 def build(name: str, patch: int, preset: str):

@@ -1,31 +1,68 @@
-"""Benchmark SMIT pretraining: training-step throughput per precision/checkpointing setting, and data-loader
-throughput per worker count from the preprocessed cache, side by side.
+"""Benchmark SMIT pretraining: training-step throughput per setting against an emulation of the authors' fp32
+implementation, and data-loader throughput per worker count from the preprocessed cache, side by side.
 
 The training step is the engine's real step (student + teacher forward, three losses, backward, clipping, AdamW,
 EMA update) on a fixed batch already on the device, so it measures compute only; the loader is measured on its own
-from the cache. The loader keeps up when its crops/s is at least the step's crops/s (goal: 4x).
-Each training setting runs in its own subprocess so its peak memory is its own.
+from the cache. A crop is one sample: one region of one scan, from which the step takes two views.
 
-    python benchmarks/bench_pretrain.py                                # CPU: tiny preset, 64^3, fp32
-    python benchmarks/bench_pretrain.py --device cuda --preset smit_small --view 96 --batch 6 --json out.json
+Training settings (``--settings``; each runs in its own subprocess, so its peak memory is its own, under
+``--child_timeout`` seconds, and a failure or timeout becomes that row's error):
+    authors        an emulation of the SMIT authors' fp32 training on this device: the same step with their
+                   numerics: fp32, TF32 off for matmuls and cuDNN convolutions, no checkpointing, no compile, window
+                   attention on the explicit math path (softmax(q k^T + bias) v in fp32, as the authors' code
+                   computes it); the baseline of "vs authors"
+    fp32           fp32 with PyTorch's defaults: matmuls in full fp32 (``torch.backends.cuda.matmul.allow_tf32``
+                   False), cuDNN convolutions in TF32 on Ampere and later (``torch.backends.cudnn.allow_tf32``
+                   True), ``cudnn.benchmark`` off, attention on the fused kernel SDPA picks; the baseline of "vs
+                   fp32". The flags in effect are printed and stored with each setting.
+    fp32+ckpt      the same with gradient checkpointing
+    bf16           bf16 autocast: the engine's default on a GPU (``precision="auto"``)
+    bf16+ckpt      the same with gradient checkpointing
+    bf16+compile   bf16 with ``PretrainConfig.compile`` (the engine compiles the student with ``torch.compile``);
+                   the first step's time includes compilation; skipped with ``--no_compile``
+
+Goals, checked in the printout: the engine's default step >= 3x the authors' crops/s on the same GPU; the loader
+>= 4x the fastest step's crops/s at the worker count used.
+
+    python benchmarks/bench_pretrain.py                                # CPU: tiny preset, 64^3
+    python benchmarks/bench_pretrain.py --device cuda --json out.json  # GPU: smit_small, 96^3, batch 6
     python benchmarks/bench_pretrain.py --cache /path/to/cache         # loader on a real cache
 
-Without ``--cache`` a phantom corpus is generated and cached in a temporary folder first.
+Without ``--cache`` a phantom corpus is generated and cached in a temporary folder first. ``--budget_s`` bounds the
+whole run: settings are run by priority (authors, fp32, the default, the loader, then the rest) and those that no
+longer fit are reported as skipped; the JSON is rewritten after every subprocess, so a killed run leaves its figures.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+
+# name -> (precision, gradient checkpointing, torch.compile, authors' numerics, label in the table)
+SETTINGS: Dict[str, tuple] = {
+    "authors": ("fp32", False, False, True, "authors-equivalent fp32 (math attention, no TF32)"),
+    "fp32": ("fp32", False, False, False, "fp32 (PyTorch defaults)"),
+    "fp32+ckpt": ("fp32", True, False, False, "fp32 + checkpointing"),
+    "bf16": ("bf16", False, False, False, "bf16"),
+    "bf16+ckpt": ("bf16", True, False, False, "bf16 + checkpointing"),
+    "bf16+compile": ("bf16", False, True, False, "bf16 + torch.compile"),
+}
+SPEEDUP_GOAL_VS_AUTHORS = 3.0
+LOADER_GOAL_VS_STEP = 4.0
+# A subprocess is not started with less time than this left in --budget_s.
+MIN_CHILD_S = 15.0
 
 
 def machine() -> Dict[str, str]:
@@ -34,61 +71,92 @@ def machine() -> Dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = f"{props.total_memory / 2**30:.1f}"
+        info["gpu_capability"] = f"sm{props.major}{props.minor}"
+        info["cuda"] = str(torch.version.cuda)
     return info
 
 
-def ensure_cache(cache: str, view: int) -> str:
+def ensure_cache(cache: str, view: int, root: Path) -> str:
     if cache:
         return cache
     from nnunet_smit.conventions import PretrainPreprocessing
     from nnunet_smit.pretraining.cache import build_cache
     from nnunet_smit.pretraining.phantoms import generate_phantom_corpus
 
-    root = Path(tempfile.mkdtemp(prefix="smit_bench_"))
     generate_phantom_corpus(root / "data", n_cases=6, seed=0)
     build_cache([root / "data"], root / "cache", PretrainPreprocessing(), min_shape=(view,) * 3, num_workers=2)
     return str(root / "cache")
 
 
-def train_setting(args: argparse.Namespace, precision: str, checkpointing: bool) -> Dict:
+def numerics_flags() -> Dict[str, Any]:
+    """The process-wide fp32 numerics switches in effect (what "PyTorch defaults" means on this install)."""
+    import torch
+
+    flags: Dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+                             "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    try:  # the legacy getters refuse to answer once the newer fp32_precision API was used
+        flags["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        flags["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    except RuntimeError as error:
+        flags["tf32"] = f"unknown ({error})"
+    return flags
+
+
+def train_setting(args: argparse.Namespace, name: str) -> Dict:
     """Steps/s, crops/s and peak memory of one setting (run in a subprocess)."""
     import resource
 
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from nnunet_smit.pretraining.cache import CacheIndex
     from nnunet_smit.pretraining.engine import PretrainConfig, PretrainTrainer
 
+    precision, checkpointing, compile_student, authors, _ = SETTINGS[name]
+    if authors:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     cache = CacheIndex.open(args.cache)
     heads = dict(head_hidden_dim=2048, head_bottleneck_dim=256, head_out_dim=8192) if not args.small_heads else \
         dict(head_hidden_dim=256, head_bottleneck_dim=64, head_out_dim=1024)
     config = PretrainConfig(
         preset=args.preset, view_size=args.view, region_size=args.view + 32, batch_size=args.batch,
-        precision=precision, gradient_checkpointing=checkpointing, device=args.device, num_workers=0,
-        progress=False, epochs=100, warmup_epochs=1, **heads,
+        precision=precision, gradient_checkpointing=checkpointing, compile=compile_student, device=args.device,
+        num_workers=0, progress=False, epochs=100, warmup_epochs=1, **heads,
     )
-    out = Path(tempfile.mkdtemp(prefix="smit_bench_run_"))
-    trainer = PretrainTrainer(config, cache, out)
-    batch = torch.utils.data.default_collate([trainer.dataset.sample(i % len(cache.case_ids), i) for i in range(args.batch)])
-    batch = {k: v.to(trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        trainer.train_step(batch)
-    sync()
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step(batch)
-    sync()
-    elapsed = time.perf_counter() - start
-    memory = (torch.cuda.max_memory_allocated() / 2**20 if trainer.device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="smit_bench_run_") as out:
+        trainer = PretrainTrainer(config, cache, Path(out))
+        batch = torch.utils.data.default_collate(
+            [trainer.dataset.sample(i % len(cache.case_ids), i) for i in range(args.batch)])
+        batch = {k: v.to(trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        cuda = trainer.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        attention = sdpa_kernel(SDPBackend.MATH) if authors else contextlib.nullcontext()
+        with attention:
+            start = time.perf_counter()
+            trainer.train_step(batch)
+            sync()
+            first_step_s = time.perf_counter() - start
+            for _ in range(args.warmup - 1):
+                trainer.train_step(batch)
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step(batch)
+            sync()
+            elapsed = time.perf_counter() - start
+    memory = (torch.cuda.max_memory_allocated() / 2**20 if cuda
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     steps_per_s = args.steps / elapsed
-    return {"kind": "train", "precision": precision, "gradient_checkpointing": checkpointing,
-            "steps_per_s": steps_per_s, "crops_per_s": steps_per_s * args.batch,
-            "views_per_s": steps_per_s * args.batch * 2, "peak_memory_mb": memory}
+    return {"kind": "train", "setting": name, "precision": precision, "gradient_checkpointing": checkpointing,
+            "compile": compile_student, "attention": "math" if authors else "sdpa default",
+            "numerics": numerics_flags(), "steps_per_s": steps_per_s, "crops_per_s": steps_per_s * args.batch,
+            "views_per_s": steps_per_s * args.batch * 2, "peak_memory_mb": memory, "first_step_s": first_step_s}
 
 
 def loader_setting(args: argparse.Namespace, workers: int) -> Dict:
@@ -104,9 +172,10 @@ def loader_setting(args: argparse.Namespace, workers: int) -> Dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=_ResumableSampler(shard, 0),
                                          num_workers=workers, prefetch_factor=4 if workers else None)
     iterator = iter(loader)
-    for _ in range(2):
+    # One batch per worker first, so the timed batches are produced while timing, not prefetched before.
+    for _ in range(max(2, workers)):
         next(iterator)
-    n = max(args.loader_batches, 2 * workers)
+    n = max(args.loader_batches, 3 * workers)
     start = time.perf_counter()
     for _ in range(n):
         next(iterator)
@@ -114,11 +183,91 @@ def loader_setting(args: argparse.Namespace, workers: int) -> Dict:
     return {"kind": "loader", "workers": workers, "crops_per_s": n * args.batch / elapsed}
 
 
-def run_child(argv: List[str]) -> Dict:
-    result = subprocess.run([sys.executable, __file__, *argv], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        return {"error": f"exit {result.returncode}"}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_child(argv: List[str], timeout_s: float) -> Dict:
+    """Run this script on one setting in its own session; its JSON line, or an error with stderr's last line."""
+    process = subprocess.Popen([sys.executable, __file__, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    start = time.perf_counter()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s if math.isfinite(timeout_s) else None)
+    except subprocess.TimeoutExpired:
+        _kill_group(process.pid)  # the group: compile workers too
+        stdout, stderr = process.communicate()
+        return {"error": f"timeout after {timeout_s:.0f} s", "stderr_tail": stderr[-2000:],
+                "wall_s": time.perf_counter() - start}
+    finally:
+        if process.poll() is None:  # interrupted ourselves: leave no child running on the device
+            _kill_group(process.pid)
+    wall_s = time.perf_counter() - start
+    lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
+    if process.returncode != 0 or not lines:
+        last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+        return {"error": f"exit {process.returncode}: {last[:160]}", "stderr_tail": stderr[-2000:], "wall_s": wall_s}
+    return {**json.loads(lines[-1]), "wall_s": wall_s}
+
+
+def _ratio(value: Optional[float], base: Optional[float]) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
+
+
+def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict], loaders: List[Dict]) -> Dict:
+    """Print the tables and goals; returns the goal figures for the JSON."""
+    gpu = args.device.startswith("cuda")
+    print(f"\nmachine: {info.get('gpu', info['cpu'])}" + (f" ({info['gpu_memory_gib']} GiB, {info['gpu_capability']}, "
+          f"CUDA {info['cuda']})" if gpu and "gpu" in info else "") + f"; {info['cpu_count']} CPUs; torch "
+          f"{info['torch']}; python {info['python']}")
+    print(f"setting: preset {args.preset}, views {args.view}^3 (regions {args.view + 32}^3), batch {args.batch} "
+          f"scans x 2 views, device {args.device}, {args.steps} timed steps after {args.warmup} warm-up")
+    fp32_flags = train.get("fp32", {}).get("numerics")
+    if fp32_flags:
+        print(f"fp32 defaults here: {fp32_flags}")
+    authors = train.get("authors", {}).get("crops_per_s")
+    fp32 = train.get("fp32", {}).get("crops_per_s")
+    width = 52
+    print(f"{'training step':<{width}}{'steps/s':>9}{'crops/s':>9}{'peak MiB':>10}{'1st step s':>11}"
+          f"{'vs fp32':>9}{'vs authors':>11}")
+    for name, result in train.items():
+        label = SETTINGS[name][4]
+        if "error" in result:
+            print(f"{label:<{width}}{result['error']}")
+            continue
+        print(f"{label:<{width}}{result['steps_per_s']:>9.3f}{result['crops_per_s']:>9.2f}"
+              f"{result['peak_memory_mb']:>10.0f}{result['first_step_s']:>11.1f}"
+              f"{_ratio(result['crops_per_s'], fp32):>9}{_ratio(result['crops_per_s'], authors):>11}")
+    goals: Dict[str, Any] = {}
+    default = "bf16" if gpu else "fp32"  # what precision="auto" trains in on this device
+    ours = train.get(default, {}).get("crops_per_s")
+    if ours and authors:
+        speedup = ours / authors
+        verdict = "PASS" if speedup >= SPEEDUP_GOAL_VS_AUTHORS else "FAIL"
+        goals["default_vs_authors"] = {"setting": default, "speedup": speedup, "goal": SPEEDUP_GOAL_VS_AUTHORS,
+                                       "pass": verdict == "PASS"}
+        print(f"goal: the engine's default step ({default}) vs authors: {speedup:.2f}x -> {verdict} "
+              f"(goal >= {SPEEDUP_GOAL_VS_AUTHORS:.0f}x)")
+    timed = {name: r["crops_per_s"] for name, r in train.items() if "crops_per_s" in r}
+    fastest_name = max(timed, key=timed.get) if timed else None
+    fastest = timed.get(fastest_name, 0.0) if fastest_name else 0.0
+    if fastest_name and authors:
+        goals["fastest_vs_authors"] = {"setting": fastest_name, "speedup": fastest / authors}
+        print(f"fastest step: {SETTINGS[fastest_name][4]}, {fastest / authors:.2f}x authors")
+    print(f"\n{'data loader (workers)':<{width}}{'crops/s':>9}{'vs fastest step':>17}{'goal':>7}")
+    goals["loader"] = []
+    for result in loaders:
+        if "error" in result:
+            print(f"{result['workers']:<{width}}{result['error']}")
+            continue
+        ratio = result["crops_per_s"] / fastest if fastest else None
+        verdict = "-" if ratio is None else ("PASS" if ratio >= LOADER_GOAL_VS_STEP else "FAIL")
+        goals["loader"].append({"workers": result["workers"], "vs_fastest_step": ratio, "pass": verdict == "PASS"})
+        print(f"{result['workers']:<{width}}{result['crops_per_s']:>9.2f}{_ratio(result['crops_per_s'], fastest):>17}"
+              f"{verdict:>7}")
+    print(f"goal: loader crops/s >= {LOADER_GOAL_VS_STEP:.0f}x the fastest step's at the worker count used")
+    return goals
 
 
 def main() -> None:
@@ -127,12 +276,19 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="default: tiny on CPU, smit_small on GPU")
     parser.add_argument("--view", type=int, default=None, help="default: 64 on CPU, 96 on GPU")
     parser.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 6 on GPU")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--workers", default="0,1,2", help="loader worker counts")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 4 on CPU, 20 on GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on GPU)")
+    parser.add_argument("--settings", default=None, help=f"comma-separated, of {', '.join(SETTINGS)} (default: "
+                        "authors, fp32, fp32+ckpt on CPU; all on GPU)")
+    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile setting")
+    parser.add_argument("--workers", default=None,
+                        help="loader worker counts (default: 0,1,2 on CPU, 0,1,2,4,8 on GPU)")
     parser.add_argument("--loader_batches", type=int, default=20)
     parser.add_argument("--small_heads", action="store_true", help="1024 prototypes instead of 8192")
     parser.add_argument("--cache", default="")
+    parser.add_argument("--child_timeout", type=float, default=None,
+                        help="seconds per subprocess before it is killed (default: 240 on GPU, 600 on CPU)")
+    parser.add_argument("--budget_s", type=float, default=0.0, help="wall-clock bound of the whole run (0: none)")
     parser.add_argument("--json", default="")
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,46 +297,65 @@ def main() -> None:
     args.view = args.view or (96 if gpu else 64)
     args.batch = args.batch or (6 if gpu else 2)
     args.steps = args.steps or (20 if gpu else 4)
-    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.warmup = max(args.warmup if args.warmup is not None else (5 if gpu else 1), 1)
 
     if args._child:
-        kind, value, extra = (args._child.split(":") + [""])[:3]
-        if kind == "train":
-            print(json.dumps(train_setting(args, value, extra == "ckpt")))
-        else:
-            print(json.dumps(loader_setting(args, int(value))))
+        kind, value = args._child.split(":", 1)
+        print(json.dumps(train_setting(args, value) if kind == "train" else loader_setting(args, int(value))))
         return
 
-    args.cache = ensure_cache(args.cache, args.view)
-    common = ["--device", args.device, "--preset", args.preset, "--view", str(args.view), "--batch", str(args.batch),
-              "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache", args.cache,
-              "--loader_batches", str(args.loader_batches)] + (["--small_heads"] if args.small_heads else [])
-    settings = [("fp32", False), ("fp32", True)] + ([("bf16", False), ("bf16", True)] if gpu else [])
-    train = [dict(run_child(common + ["--_child", f"train:{p}:{'ckpt' if c else ''}"]), precision=p,
-                  gradient_checkpointing=c) for p, c in settings]
-    loaders = [run_child(common + ["--_child", f"loader:{w}"]) for w in (int(w) for w in args.workers.split(","))]
+    start = time.monotonic()
+    deadline = start + args.budget_s if args.budget_s > 0 else math.inf
+    child_timeout = args.child_timeout or (240.0 if gpu else 600.0)
+    names = (args.settings.split(",") if args.settings else
+             list(SETTINGS) if gpu else ["authors", "fp32", "fp32+ckpt"])
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    names = [n for n in names if not (args.no_compile and SETTINGS[n][2])]
+    workers = [int(w) for w in (args.workers or ("0,1,2,4,8" if gpu else "0,1,2")).split(",")]
+    # SIGTERM (e.g. from `timeout`) unwinds through run_child, which then kills the running subprocess's group.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    print(f"machine: {machine()}")
-    print(f"setting: preset {args.preset}, views {args.view}^3 (regions {args.view + 32}^3), batch {args.batch} "
-          f"scans x 2 views, device {args.device}")
-    base = train[0].get("crops_per_s")
-    print(f"{'training step':<28}{'steps/s':>10}{'crops/s':>10}{'peak MiB':>10}{'vs fp32':>9}")
-    for r in train:
-        if "error" in r:
-            print(f"{r['precision'] + (' +ckpt' if r['gradient_checkpointing'] else ''):<28}{r['error']:>10}")
-            continue
-        name = r["precision"] + (" + checkpointing" if r["gradient_checkpointing"] else "")
-        print(f"{name:<28}{r['steps_per_s']:>10.3f}{r['crops_per_s']:>10.2f}{r['peak_memory_mb']:>10.0f}"
-              f"{r['crops_per_s'] / base:>8.2f}x")
-    fastest = max((r.get("crops_per_s", 0.0) for r in train), default=0.0)
-    print(f"{'data loader':<28}{'crops/s':>10}{'vs fastest step':>18}")
-    for r in loaders:
-        if "error" in r:
-            continue
-        print(f"{str(r['workers']) + ' workers':<28}{r['crops_per_s']:>10.2f}{r['crops_per_s'] / fastest:>17.2f}x")
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="smit_bench_") as tmp:
+        args.cache = ensure_cache(args.cache, args.view, Path(tmp))
+        common = ["--device", args.device, "--preset", args.preset, "--view", str(args.view), "--batch",
+                  str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache", args.cache,
+                  "--loader_batches", str(args.loader_batches)] + (["--small_heads"] if args.small_heads else [])
+        default = "bf16" if gpu else "fp32"
+        core = [n for n in ("authors", "fp32", default) if n in names]
+        jobs = ([("train", n) for n in dict.fromkeys(core)] + [("loader", w) for w in workers]
+                + [("train", n) for n in names if n not in core])
+        train: Dict[str, Dict] = {n: {"error": "not run"} for n in names}
+        loaders: List[Dict] = []
+        for kind, value in jobs:
+            left = deadline - time.monotonic()
+            if left < MIN_CHILD_S:
+                result = {"error": "skipped: --budget_s spent"}
+            else:
+                result = run_child(common + ["--_child", f"{kind}:{value}"], min(child_timeout, left))
+            if kind == "train":
+                train[value] = result
+            else:
+                loaders.append({**result, "workers": value})
+            shown = f"{result['crops_per_s']:.2f} crops/s" if "crops_per_s" in result else result["error"]
+            print(f"[{time.monotonic() - start:6.1f} s] {kind} {value}: {shown}", flush=True)
+            if args.json:
+                write_json(args, info, train, loaders, {})
+        goals = report(args, info, train, loaders)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "preset": args.preset, "view": args.view,
-                                               "batch": args.batch, "train": train, "loader": loaders}, indent=2))
+        write_json(args, info, train, loaders, goals)
+
+
+def write_json(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict], loaders: List[Dict],
+               goals: Dict) -> None:
+    payload = {"machine": info, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "preset": args.preset,
+               "view": args.view, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+               "device": args.device, "train": [{"setting": n, "label": SETTINGS[n][4], **r} for n, r in train.items()],
+               "loader": loaders, "goals": goals}
+    Path(args.json).write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

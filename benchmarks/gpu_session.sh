@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One GPU session's benchmarks in about 330 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
+# batch 6: authors-equivalent fp32 vs our settings, loader per worker count) and bench_network.py (bf16, 96^3 and
+# 128^3), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
+# left of the session, and one failing part does not stop the next.
+#
+#     OUT=/path/to/folder bash benchmarks/gpu_session.sh     # on the GPU machine, from the repository root
+#     DRY_RUN=1 bash benchmarks/gpu_session.sh               # the same parts on the CPU with tiny settings (~2 min)
+#
+# Writes $OUT/gpu_session.txt (all output), $OUT/bench_pretrain.json and $OUT/bench_network.json. gpu_extra.sh
+# runs last with OUT, REPO, PYTHONPATH and EXTRA_LIMIT_S (its seconds) exported; where only 8 files come back
+# from $OUT, it should write at most 5.
+# Knobs (seconds): SESSION_S (330, the whole run), PRETRAIN_S (185), NETWORK_S (100); BENCH_PRETRAIN_ARGS adds
+# arguments to bench_pretrain.py (e.g. --no_compile; time a part leaves unused goes to gpu_extra.sh).
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd -P)
+DRY_RUN=${DRY_RUN:-0}
+if [[ $DRY_RUN == 1 && -z ${OUT:-} ]]; then
+    OUT=$(mktemp -d /tmp/gpu_session_dry.XXXXXX)
+fi
+: "${OUT:?set OUT to the output folder}"
+mkdir -p "$OUT"
+SESSION_S=${SESSION_S:-$( ((DRY_RUN)) && echo 480 || echo 330)}
+PRETRAIN_S=${PRETRAIN_S:-185}
+NETWORK_S=${NETWORK_S:-$( ((DRY_RUN)) && echo 200 || echo 100)}
+BENCH_PRETRAIN_ARGS=${BENCH_PRETRAIN_ARGS:-}
+export OUT REPO DRY_RUN PYTHONUNBUFFERED=1
+
+stamp() { printf '\n==== %s  +%3d s  %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$SECONDS" "$*"; }
+
+# Seconds a part may run: its own budget, capped by what is left of the session.
+limit() {
+    local left=$((SESSION_S - SECONDS - 3))
+    if ((left < $1)); then echo "$((left > 0 ? left : 0))"; else echo "$1"; fi
+}
+
+# part NAME SECONDS COMMAND...: run COMMAND under timeout, with a stamp before and after.
+part() {
+    local name=$1 seconds=$2 rc
+    shift 2
+    if ((seconds < 10)); then
+        stamp "$name: skipped, the session's $SESSION_S s are spent"
+        return
+    fi
+    stamp "$name (limit $seconds s)"
+    timeout -k 5 "$seconds" "$@"
+    rc=$?
+    if ((rc == 124 || rc == 137)); then
+        stamp "$name: timed out after $seconds s"
+    else
+        stamp "$name: exit $rc"
+    fi
+}
+
+session() {
+    local commit
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    stamp "gpu_session start: repo $REPO, commit $commit, dry run $DRY_RUN"
+    if command -v nvidia-smi >/dev/null; then
+        timeout 20 nvidia-smi
+        timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm,clocks.max.mem \
+            --format=csv
+    else
+        echo "nvidia-smi: not found"
+    fi
+    echo "CPUs: $(nproc); memory: $(free -g 2>/dev/null | awk '/Mem:/ {print $2}') GiB"
+    timeout 60 python -c "import torch,nnunetv2,monai;print(torch.__version__, torch.cuda.is_available())"
+    # The benchmarks must import this checkout. On the GPU machine (a fresh copy) install it where it is not what
+    # imports (offline, no dependencies: console scripts for gpu_extra.sh); a dry run leaves the environment alone.
+    local found
+    found=$(cd / && timeout 60 python -c \
+        "import nnunet_smit, pathlib; print(pathlib.Path(nnunet_smit.__file__).resolve().parents[1])" 2>/dev/null)
+    if [[ $found != "$REPO" && $DRY_RUN != 1 ]]; then
+        echo "nnunet_smit imports from '${found:-nowhere}', not $REPO: pip install --no-deps -e ."
+        timeout 90 python -m pip install --quiet --no-deps --no-index --no-build-isolation -e . \
+            || echo "pip install failed; the benchmarks import this checkout through PYTHONPATH"
+    fi
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    (cd / && python -c "import nnunet_smit; print('nnunet_smit from', nnunet_smit.__file__)")
+
+    local seconds
+    seconds=$(limit "$PRETRAIN_S")
+    if [[ $DRY_RUN == 1 ]]; then
+        # shellcheck disable=SC2086  # BENCH_PRETRAIN_ARGS is a list of arguments
+        part bench_pretrain "$seconds" python benchmarks/bench_pretrain.py --device cpu --steps 1 --warmup 1 \
+            --small_heads --workers 0,2 --loader_batches 4 --budget_s $((seconds - 10)) \
+            --json "$OUT/bench_pretrain.json" $BENCH_PRETRAIN_ARGS
+    else
+        # shellcheck disable=SC2086
+        part bench_pretrain "$seconds" python benchmarks/bench_pretrain.py --device cuda --preset smit_small --view 96 \
+            --batch 6 --steps 10 --warmup 3 --budget_s $((seconds - 10)) --json "$OUT/bench_pretrain.json" \
+            $BENCH_PRETRAIN_ARGS
+    fi
+
+    seconds=$(limit "$NETWORK_S")
+    if [[ $DRY_RUN == 1 ]]; then
+        part bench_network "$seconds" python benchmarks/bench_network.py --device cpu --dtype fp32 --patches 64 \
+            --repeats 1 --networks smit plainconvunet --json "$OUT/bench_network.json"
+    else
+        part bench_network "$seconds" python benchmarks/bench_network.py --device cuda --dtype bf16 --patches 96 128 \
+            --json "$OUT/bench_network.json"
+    fi
+
+    if [[ -f benchmarks/gpu_extra.sh ]]; then
+        seconds=$(limit "$SESSION_S")
+        export EXTRA_LIMIT_S=$seconds
+        part gpu_extra.sh "$seconds" bash -c 'source benchmarks/gpu_extra.sh'
+    fi
+    stamp "gpu_session end; in $OUT:"
+    ls -l "$OUT"
+}
+
+session 2>&1 | tee "$OUT/gpu_session.txt"
