@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# One GPU session's benchmarks in about 330 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
-# batch 6: authors-equivalent fp32 vs our settings, loader per worker count) and bench_network.py (bf16, 96^3 and
-# 128^3), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
+# One GPU session's benchmarks in about 540 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
+# batch 6: authors-equivalent fp32 vs our settings, loader per worker count), bench_network.py (bf16, 96^3 and
+# 128^3) and bench_collapse.py (400 steps of smit_small on phantoms, the authors' settings next to ours, teacher
+# entropy and spread), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
 # left of the session, and one failing part does not stop the next.
 #
 #     OUT=/path/to/folder bash benchmarks/gpu_session.sh     # on the GPU machine, from the repository root
 #     DRY_RUN=1 bash benchmarks/gpu_session.sh               # the same parts on the CPU with tiny settings (~2 min)
 #
-# Writes $OUT/gpu_session.txt (all output), $OUT/bench_pretrain.json and $OUT/bench_network.json. gpu_extra.sh
+# Writes $OUT/gpu_session.txt (all output), $OUT/bench_pretrain.json, $OUT/bench_network.json and
+# $OUT/bench_collapse.json. gpu_extra.sh
 # runs last with OUT, REPO, PYTHONPATH and EXTRA_LIMIT_S (its seconds) exported; where only 8 files come back
 # from $OUT, it should write at most 5.
-# Knobs (seconds): SESSION_S (330, the whole run), PRETRAIN_S (185), NETWORK_S (100); BENCH_PRETRAIN_ARGS adds
+# Knobs (seconds): SESSION_S (540, the whole run), PRETRAIN_S (170), NETWORK_S (90), COLLAPSE_S (230); BENCH_PRETRAIN_ARGS adds
 # arguments to bench_pretrain.py (e.g. --no_compile; time a part leaves unused goes to gpu_extra.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -21,9 +23,10 @@ if [[ $DRY_RUN == 1 && -z ${OUT:-} ]]; then
 fi
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
-SESSION_S=${SESSION_S:-$( ((DRY_RUN)) && echo 480 || echo 330)}
-PRETRAIN_S=${PRETRAIN_S:-185}
-NETWORK_S=${NETWORK_S:-$( ((DRY_RUN)) && echo 200 || echo 100)}
+SESSION_S=${SESSION_S:-$( ((DRY_RUN)) && echo 600 || echo 540)}
+PRETRAIN_S=${PRETRAIN_S:-170}
+NETWORK_S=${NETWORK_S:-$( ((DRY_RUN)) && echo 200 || echo 90)}
+COLLAPSE_S=${COLLAPSE_S:-230}
 BENCH_PRETRAIN_ARGS=${BENCH_PRETRAIN_ARGS:-}
 export OUT REPO DRY_RUN PYTHONUNBUFFERED=1
 
@@ -100,6 +103,17 @@ session() {
     else
         part bench_network "$seconds" python benchmarks/bench_network.py --device cuda --dtype bf16 --patches 96 128 \
             --json "$OUT/bench_network.json"
+    fi
+
+    seconds=$(limit "$COLLAPSE_S")
+    if [[ $DRY_RUN == 1 ]]; then
+        part bench_collapse "$seconds" python benchmarks/bench_collapse.py --device cpu --preset tiny --view 64 \
+            --batch 2 --steps 4 --small_heads --phantoms 4 --samples_per_epoch 4 --log_every 1 --workers 0 --parallel \
+            --budget_s $((seconds - 20)) --json "$OUT/bench_collapse.json"
+    else
+        part bench_collapse "$seconds" python benchmarks/bench_collapse.py --device cuda --preset smit_small --view 96 \
+            --batch 6 --steps 400 --phantoms 16 --samples_per_epoch 48 --log_every 10 --workers 4 --parallel \
+            --budget_s $((seconds - 20)) --json "$OUT/bench_collapse.json"
     fi
 
     if [[ -f benchmarks/gpu_extra.sh ]]; then

@@ -82,6 +82,8 @@ class PretrainConfig:
     weight_dino: float = 0.1
     weight_ibot: float = 0.1
     weight_reconstruction: float = 1.0
+    # Not in SMIT: DINOv2's KoLeo regulariser keeps the global token input-dependent (see dino_loss.py).
+    weight_koleo: float = 0.1
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_out_dim: int = 8192
@@ -304,6 +306,9 @@ class PretrainTrainer:
         random.seed(config.seed)
 
         global_batch = config.batch_size * self.dist.world_size
+        if config.weight_koleo > 0 and config.batch_size < 2 and self.dist.is_main:
+            logger.warning("KoLeo compares the scans of one process's batch: with batch size 1 it does nothing; "
+                           "use --batch_size 2 or more (or --weight_koleo 0 to silence this).")
         num_cases = len(source.case_ids)
         if num_cases == 0:
             raise SMITError("no usable scans to pretrain on; check the input folders and the cache's skipped report.")
@@ -328,7 +333,9 @@ class PretrainTrainer:
 
         self.model = SMITPretrainModel(
             self.encoder_config,
-            weights=ObjectiveWeights(config.weight_dino, config.weight_ibot, config.weight_reconstruction),
+            weights=ObjectiveWeights(
+                config.weight_dino, config.weight_ibot, config.weight_reconstruction, config.weight_koleo
+            ),
             heads=HeadConfig(config.head_hidden_dim, config.head_bottleneck_dim, config.head_out_dim, config.head_layers),
             mask_cube_size=config.mask_cube_size,
             student_temp=config.student_temp,
@@ -440,8 +447,8 @@ class PretrainTrainer:
             ) from error
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise SMITError(f"{self.checkpoint_path} is not a pretraining state; use another output folder.")
-        # Runs saved before the centering setting existed used the running-mean center.
-        saved = PretrainConfig.from_dict({"centering": "center", **state["config"]}).training_fields()
+        # Runs saved before the centering and KoLeo settings existed used the running-mean center and no KoLeo.
+        saved = PretrainConfig.from_dict({"centering": "center", "weight_koleo": 0.0, **state["config"]}).training_fields()
         current = self.config.training_fields()
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if changed:

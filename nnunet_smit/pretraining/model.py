@@ -9,6 +9,8 @@ after the stage-2 patch merging (8C channels at 1/16 of the view, one token per 
 * iBOT: patch tokens of the student on masked positions vs. the teacher's on the same positions of the same view.
 * Reconstruction: the student's bottleneck (16C at 1/32) through a 1x1x1 conv and a 3D pixel shuffle back to the
   view, L1 on masked voxels.
+* KoLeo (optional, not in SMIT): spreads the student's global tokens of the different scans of a view slot, the
+  DINOv2 regulariser against a global token that is the same for every scan.
 
 The module knows nothing about data loading; the engine feeds it views and cube masks.
 """
@@ -26,6 +28,7 @@ from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.dino_loss import DINOLoss
 from nnunet_smit.pretraining.heads import DINOHead, ReconstructionHead
 from nnunet_smit.pretraining.ibot_loss import IBOTPatchLoss
+from nnunet_smit.pretraining.koleo_loss import koleo_loss
 from nnunet_smit.pretraining.masking import cube_mask_to_grid
 
 # Voxels per token edge at the distillation tap: patch embedding (2) x three merges (2^3).
@@ -35,11 +38,16 @@ TAP_STAGE = 2
 
 @dataclass
 class ObjectiveWeights:
-    """Loss weights; a weight of 0 switches the objective off (its head is not built)."""
+    """Loss weights; a weight of 0 switches the objective off (its head is not built).
+
+    ``koleo`` weighs the KoLeo regulariser of the student's global tokens (a regulariser, not an objective of its
+    own: at least one of the other three must be on).
+    """
 
     dino: float = 0.1
     ibot: float = 0.1
     reconstruction: float = 1.0
+    koleo: float = 0.1
 
     def enabled(self) -> Dict[str, bool]:
         return {"dino": self.dino > 0, "ibot": self.ibot > 0, "reconstruction": self.reconstruction > 0}
@@ -60,11 +68,13 @@ class StudentOutput:
     """Student (or teacher) outputs for a batch of N = V*B views.
 
     Attributes:
+        global_token: (N, 8C) global tokens (mean of the normalised tap tokens), or None.
         global_logits: (N, K) or None.
         patch_logits: (M, K) logits of the M masked tap tokens, or None.
         reconstruction: (N, C_in, D, H, W) or None (teacher: always None).
     """
 
+    global_token: Optional[torch.Tensor] = None
     global_logits: Optional[torch.Tensor] = None
     patch_logits: Optional[torch.Tensor] = None
     reconstruction: Optional[torch.Tensor] = None
@@ -120,6 +130,7 @@ class StudentNetwork(nn.Module):
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.patch_head_enabled = enabled["ibot"]
+        self.global_token_wanted = with_reconstruction and weights.koleo > 0
 
     def _patch_head(self) -> Optional[DINOHead]:
         if not self.patch_head_enabled:
@@ -141,11 +152,12 @@ class StudentNetwork(nn.Module):
         """
         out = self.encoder(views, token_mask=token_mask, mask_token=self.mask_token if token_mask is not None else None)
         result = StudentOutput()
-        need_tap = self.global_head is not None or self.patch_head_enabled
+        need_tap = self.global_head is not None or self.patch_head_enabled or self.global_token_wanted
         if need_tap:
             tokens = self.tap_norm(tap_tokens(out.merged[TAP_STAGE]))
+            result.global_token = tokens.mean(dim=1)
             if self.global_head is not None:
-                result.global_logits = self.global_head(tokens.mean(dim=1))
+                result.global_logits = self.global_head(result.global_token)
             patch_head = self._patch_head()
             if patch_head is not None and tap_mask is not None:
                 result.patch_logits = patch_head(tokens[tap_mask.flatten(1)])
@@ -279,9 +291,10 @@ class SMITPretrainModel(nn.Module):
             with_preview: also return the first view's input, mask and reconstruction (detached, on CPU).
 
         Returns:
-            :class:`LossOutput` with the total loss and the unweighted terms ``dino``, ``ibot``, ``reconstruction``.
+            :class:`LossOutput` with the total loss and the unweighted terms ``dino``, ``ibot``, ``reconstruction``
+            and ``koleo`` (those switched on).
         """
-        student = student or self.student
+        student = self.student if student is None else student
         batch, num_views = views.shape[:2]
         # View-major order: rows [v*B:(v+1)*B] hold view v of every scan.
         x = views.transpose(0, 1).flatten(0, 1)
@@ -313,6 +326,12 @@ class SMITPretrainModel(nn.Module):
                 total = total + self.weights.ibot * loss
                 if update_centers:
                     self.ibot_loss.update_center(t_out.patch_logits)
+
+        if self.weights.koleo > 0:
+            # Per view slot, over the scans of the batch: the two views of one scan are not pushed apart.
+            loss = torch.stack([koleo_loss(t) for t in s_out.global_token.chunk(num_views)]).mean()
+            terms["koleo"] = loss
+            total = total + self.weights.koleo * loss
 
         if s_out.reconstruction is not None:
             voxel_mask = cube_mask_to_grid(masks, self.mask_cube_size, 1).unsqueeze(1).expand_as(x)
