@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--small_heads", action="store_true", help="1024 prototypes instead of 8192")
     parser.add_argument("--parallel", action="store_true", help="run all settings at once")
     parser.add_argument("--budget_s", type=float, default=0,
-                        help="stop the runs (SIGINT: they save and exit) after this many seconds and report what they logged")
+                        help="stop the runs (SIGINT: they save and exit) after this many seconds; report their logs")
     parser.add_argument("--out", default="", help="folder of the runs (default: a temporary folder)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()

@@ -42,9 +42,9 @@ CONFIG_OPTIONS = (
     "preset", "view_size", "region_size", "batch_size", "epochs", "samples_per_epoch", "base_lr", "min_lr",
     "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer_epochs",
     "momentum_teacher", "teacher_temp_start", "teacher_temp_end", "teacher_temp_warmup_epochs", "student_temp",
-    "mask_ratio", "mask_cube_size", "weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo", "head_hidden_dim",
-    "head_bottleneck_dim", "head_out_dim", "head_layers", "intensity_jitter", "body_bias", "precision",
-    "device", "num_workers", "seed", "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
+    "mask_ratio", "mask_cube_size", "weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo",
+    "head_hidden_dim", "head_bottleneck_dim", "head_out_dim", "head_layers", "intensity_jitter", "body_bias",
+    "precision", "device", "num_workers", "seed", "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
     "log_every_steps", "preview_every_epochs", "export", "centering",
 )
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight_dino", type=float, help="weight of the global DINO loss (0.1)")
     parser.add_argument("--weight_ibot", type=float, help="weight of the patch iBOT loss (0.1)")
     parser.add_argument("--weight_koleo", type=float,
-                        help="weight of the KoLeo regulariser of the student's global tokens (0.1; needs 2+ scans per step)")
+                        help="weight of the KoLeo regulariser of the global embeddings (0.1; needs 2+ scans per step)")
     parser.add_argument("--weight_reconstruction", type=float, help="weight of the reconstruction loss (1.0)")
     parser.add_argument("--no_dino", action="store_true", help="switch the DINO objective off")
     parser.add_argument("--no_ibot", action="store_true", help="switch the iBOT objective off")

@@ -3,28 +3,30 @@
 The loss owns its center (a buffer, so it travels with ``state_dict`` into ``checkpoint_latest``) and updates it
 with an exponential moving average of the teacher's logits, averaged over all processes under data parallelism.
 
-Collapse to uniform (measured on the ``--demo`` settings: tiny preset, 64^3 views of 8 phantoms, K = 1024):
-at initialisation the teacher is already nearly input-invariant (global tokens of 16 views from 8 different
-phantoms have cosine 0.989; the teacher logits vary across views with std 0.0085 against a temperature of 0.04),
-so once the center has absorbed the common output (about 20 steps at momentum 0.9) the centred, sharpened
-teacher is uniform (entropy 6.91 of log K = 6.93 from then on) and the distillation gradient vanishes. Training
-then makes the teacher more invariant still (bottleneck cosine 0.996 after 60 steps). The same happens without
-reconstruction, with 30% masking, with flips and intensity jitter, with a constant teacher temperature of 0.04
-or 0.02 (entropy 6.86 at step 40), with a faster teacher (momentum 0.99, also with 5x the learning rate) and
-with the center started at the first batch's mean instead of 0; no error was found in centering,
-temperatures, EMA, heads or last-layer freezing. It is a property of the tiny, short runs, not yet remedied.
+Collapse to uniform, and what keeps it away. A freshly initialised encoder gives nearly the same global token for
+every view (mean cosine 0.97 across scans, also for ``smit_small``: the flat regions of CT dominate the pooled
+tokens), so the teacher's logits differ between scans by only ~0.3 of the teacher temperature. Once the center has
+absorbed the common output (about 20 steps at momentum 0.9) the centred, sharpened teacher is nearly uniform, its
+targets carry no information, and DINO, iBOT and reconstruction together then drive every scan to the *same*
+embedding (student global-token cosine 0.9999 after 24 steps of the tiny test run). No error was found in
+centering, temperatures, EMA, heads or last-layer freezing; temperature 0.02, momentum 0.99, 5x the learning rate,
+flips and jitter, 30% masking, no reconstruction and Sinkhorn-Knopp centering all collapse the same way.
+
+The remedy is DINOv2's KoLeo regulariser (:mod:`nnunet_smit.pretraining.koleo_loss`, ``weight_koleo`` 0.1 by
+default) on the DINO head's L2-normalised bottleneck, the vector the prototypes are compared with: spread over the
+sphere, different scans meet the prototypes at different angles and the teacher becomes input-dependent. Measured:
+
+* tiny preset, 4 phantoms, 24 steps of the short-run test settings (2 scans per step, momentum 0.98): per-prototype
+  spread of the teacher over 8 fresh views 1.16/K with KoLeo against 0.07/K without; teacher entropy 1.20 against
+  4.34 (log K = 4.85). KoLeo on the backbone's global token instead (DINOv2's place) reached about 0.55/K.
+* ``smit_small``, 16 phantoms, 96^3, batch 6, the authors' schedule, 300 steps on one H200: the spread (x K) goes
+  0.17 -> 0.15 -> 0.20 -> 0.33 -> 0.28 with KoLeo on the embedding, but 0.17 -> 0.05 -> 0.03 -> 0.02 -> 0.01 without
+  KoLeo (and 0.17 -> 0.03 with KoLeo on the backbone token). The teacher is still close to uniform after these
+  300 steps (entropy 0.99 log K, DINO loss at log K): the trend is reversed, a full run has to show the rest.
 
 Sinkhorn-Knopp centering (``centering="sinkhorn_knopp"``, the DINOv2/SwAV normalisation, 3 iterations over the
-global batch) does not remedy it either, so the running-mean center stays the default. Sinkhorn-Knopp centres on
-the current batch at once, and the 4 views of a demo step differ in their logits by less than a tenth of the
-temperature, so its targets are uniform from the first step. Demo settings, 100 steps, the two modes side by side
-(teacher entropy of log K = 6.93 / per-prototype spread / DINO loss / iBOT loss, means over the 4 logged steps):
-center: step 1 4.12 / 5e-4 / 5.82 / 6.68, step 20 6.87 / 2e-4 / 7.01 / 7.01, step 60 6.93 / 1e-4 / 6.94 / 6.93,
-step 100 6.93 / 1e-4 / 6.93 / 6.93; sinkhorn_knopp: step 1 6.80 / 4e-4 / 7.29 / 7.28, step 20 6.92 / 1e-4 /
-7.06 / 7.05, step 60 6.93 / 1e-4 / 6.93 / 6.93, step 100 6.92 / 1e-4 / 6.93 / 6.93 (a spread of 1e-4 is 0.1/K).
-After 100 steps the teacher's global logits over 16 fresh views have cosine 0.994 (center) and 0.987 (Sinkhorn-
-Knopp) and a spread across views of 0.07 and 0.09 temperatures; the DINO and iBOT losses fall only to the log K of
-a uniform target. Reconstruction learns in both (0.44 -> 0.19).
+global batch) is available; alone it does not prevent the collapse (its targets are uniform from the first step
+when the views' logits differ by less than the temperature), so the running-mean center stays the default.
 """
 from __future__ import annotations
 

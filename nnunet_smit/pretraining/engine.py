@@ -82,7 +82,7 @@ class PretrainConfig:
     weight_dino: float = 0.1
     weight_ibot: float = 0.1
     weight_reconstruction: float = 1.0
-    # Not in SMIT: DINOv2's KoLeo regulariser keeps the global token input-dependent (see dino_loss.py).
+    # Not in SMIT: DINOv2's KoLeo regulariser on the global embedding keeps the teacher input-dependent (dino_loss.py).
     weight_koleo: float = 0.1
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -448,7 +448,8 @@ class PretrainTrainer:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise SMITError(f"{self.checkpoint_path} is not a pretraining state; use another output folder.")
         # Runs saved before the centering and KoLeo settings existed used the running-mean center and no KoLeo.
-        saved = PretrainConfig.from_dict({"centering": "center", "weight_koleo": 0.0, **state["config"]}).training_fields()
+        defaults_then = {"centering": "center", "weight_koleo": 0.0}
+        saved = PretrainConfig.from_dict({**defaults_then, **state["config"]}).training_fields()
         current = self.config.training_fields()
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if changed:

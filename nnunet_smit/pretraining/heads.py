@@ -58,12 +58,15 @@ class DINOHead(nn.Module):
         """Trainable parameters of the prototype layer (frozen during the first epoch)."""
         return [p for p in self.last_layer.parameters() if p.requires_grad]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, in_dim) or (B, N, in_dim) tokens -> logits with the same leading shape and ``out_dim`` channels."""
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens -> L2-normalised bottleneck vectors (what the prototypes are compared with)."""
         x = self.mlp(tokens)
         # eps guards the L2 normalisation in low precision.
-        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float32 else 1e-4)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float32 else 1e-4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, in_dim) or (B, N, in_dim) tokens -> logits with the same leading shape and ``out_dim`` channels."""
+        return self.last_layer(self.embed(tokens))
 
 
 def pixel_shuffle_3d(x: torch.Tensor, factor: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""KoLeo regulariser: spreads the student's global tokens of different scans over the unit sphere.
+"""KoLeo regulariser: spreads the student's global embeddings of different scans over the unit sphere.
 
 The Kozachenko-Leonenko differential-entropy estimator (as used by DINOv2): for L2-normalised features ``x_i`` of
 the n samples of one view slot, ``-mean_i log(min_{j != i} ||x_i - x_j|| + eps)``. Minimising it pushes every
-sample away from its nearest neighbour, which is what keeps the global token input-dependent while the DINO loss
-alone would let it become the same for every scan (see :mod:`nnunet_smit.pretraining.dino_loss`).
+sample away from its nearest neighbour. Applied to the DINO head's bottleneck embedding, it keeps the teacher's
+output input-dependent where DINO, iBOT and reconstruction alone let it become the same for every scan (see
+:mod:`nnunet_smit.pretraining.dino_loss`).
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ after the stage-2 patch merging (8C channels at 1/16 of the view, one token per 
 * iBOT: patch tokens of the student on masked positions vs. the teacher's on the same positions of the same view.
 * Reconstruction: the student's bottleneck (16C at 1/32) through a 1x1x1 conv and a 3D pixel shuffle back to the
   view, L1 on masked voxels.
-* KoLeo (optional, not in SMIT): spreads the student's global tokens of the different scans of a view slot, the
-  DINOv2 regulariser against a global token that is the same for every scan.
+* KoLeo (not in SMIT, on by default): spreads the student's global embeddings (the DINO head's L2-normalised
+  bottleneck) of the different scans of a view slot, DINOv2's regulariser, here against a teacher whose output
+  becomes the same for every scan (see :mod:`nnunet_smit.pretraining.dino_loss`).
 
 The module knows nothing about data loading; the engine feeds it views and cube masks.
 """
@@ -40,8 +41,8 @@ TAP_STAGE = 2
 class ObjectiveWeights:
     """Loss weights; a weight of 0 switches the objective off (its head is not built).
 
-    ``koleo`` weighs the KoLeo regulariser of the student's global tokens (a regulariser, not an objective of its
-    own: at least one of the other three must be on).
+    ``koleo`` weighs the KoLeo regulariser of the student's global embeddings (the global token itself when DINO
+    is off); a regulariser, not an objective of its own: at least one of the other three must be on.
     """
 
     dino: float = 0.1
@@ -69,12 +70,14 @@ class StudentOutput:
 
     Attributes:
         global_token: (N, 8C) global tokens (mean of the normalised tap tokens), or None.
+        global_embedding: (N, bottleneck) L2-normalised bottleneck of the DINO head, or None.
         global_logits: (N, K) or None.
         patch_logits: (M, K) logits of the M masked tap tokens, or None.
         reconstruction: (N, C_in, D, H, W) or None (teacher: always None).
     """
 
     global_token: Optional[torch.Tensor] = None
+    global_embedding: Optional[torch.Tensor] = None
     global_logits: Optional[torch.Tensor] = None
     patch_logits: Optional[torch.Tensor] = None
     reconstruction: Optional[torch.Tensor] = None
@@ -157,7 +160,8 @@ class StudentNetwork(nn.Module):
             tokens = self.tap_norm(tap_tokens(out.merged[TAP_STAGE]))
             result.global_token = tokens.mean(dim=1)
             if self.global_head is not None:
-                result.global_logits = self.global_head(result.global_token)
+                result.global_embedding = self.global_head.embed(result.global_token)
+                result.global_logits = self.global_head.last_layer(result.global_embedding)
             patch_head = self._patch_head()
             if patch_head is not None and tap_mask is not None:
                 result.patch_logits = patch_head(tokens[tap_mask.flatten(1)])
@@ -328,8 +332,10 @@ class SMITPretrainModel(nn.Module):
                     self.ibot_loss.update_center(t_out.patch_logits)
 
         if self.weights.koleo > 0:
-            # Per view slot, over the scans of the batch: the two views of one scan are not pushed apart.
-            loss = torch.stack([koleo_loss(t) for t in s_out.global_token.chunk(num_views)]).mean()
+            # Per view slot, over the scans of the batch: the two views of one scan are not pushed apart. On the
+            # embedding the prototypes are compared with: its spread is what makes the teacher input-dependent.
+            spread = s_out.global_embedding if s_out.global_embedding is not None else s_out.global_token
+            loss = torch.stack([koleo_loss(t) for t in spread.chunk(num_views)]).mean()
             terms["koleo"] = loss
             total = total + self.weights.koleo * loss
 

@@ -10,6 +10,7 @@ from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.dino_loss import DINOLoss
 from nnunet_smit.pretraining.heads import DINOHead, ReconstructionHead, pixel_shuffle_3d
 from nnunet_smit.pretraining.ibot_loss import IBOTPatchLoss
+from nnunet_smit.pretraining.koleo_loss import koleo_loss
 from nnunet_smit.pretraining.masking import CubeMaskGenerator
 from nnunet_smit.pretraining.model import HeadConfig, ObjectiveWeights, SMITPretrainModel
 from nnunet_smit.pretraining.schedules import PretrainSchedules
@@ -128,7 +129,9 @@ def test_losses_and_gradients_of_the_three_objectives(model):
     masks = CubeMaskGenerator()(2, (64, 64, 64), generator=torch.Generator().manual_seed(0)).view(1, 2, 4, 4, 4)
     model.zero_grad()
     out = model.compute_losses(views, masks, teacher_temp=0.04, with_preview=True)
-    assert set(out.terms) == {"dino", "ibot", "reconstruction"}
+    assert set(out.terms) == {"dino", "ibot", "reconstruction", "koleo"}
+    # One scan: KoLeo has no other scan to push away from, and the two views of a scan are never compared.
+    assert out.terms["koleo"] == 0
     expected = 0.1 * out.terms["dino"] + 0.1 * out.terms["ibot"] + out.terms["reconstruction"]
     assert torch.allclose(out.total, expected)
     out.total.backward()
@@ -144,8 +147,74 @@ def test_each_objective_can_be_switched_off(off):
     views = torch.rand(1, 2, 1, 64, 64, 64)
     masks = CubeMaskGenerator()(2, (64, 64, 64)).view(1, 2, 4, 4, 4)
     out = m.compute_losses(views, masks, 0.04)
-    assert off not in out.terms and len(out.terms) == 2
+    assert off not in out.terms and set(out.terms) - {"koleo"} == {"dino", "ibot", "reconstruction"} - {off}
     if off == "reconstruction":
         assert m.student.recon_head is None
     with pytest.raises(SMITError, match="switched off"):
         SMITPretrainModel(SMITConfig.preset("tiny"), weights=ObjectiveWeights(0, 0, 0), heads=SMALL_HEADS)
+
+
+def test_koleo_loss_is_minus_log_nearest_neighbour_distance():
+    # Four unit vectors at right angles: every nearest neighbour is sqrt(2) away (scale does not matter).
+    square = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0], [0.0, -3.0]])
+    assert koleo_loss(square).item() == pytest.approx(-math.log(math.sqrt(2.0)), abs=1e-6)
+    # Nearest neighbours, not all pairs: a far third point does not change the two close ones' terms.
+    points = torch.tensor([[1.0, 0.0], [math.cos(0.1), math.sin(0.1)], [-1.0, 0.0]])
+    d_close, d_far = 2 * math.sin(0.05), 2 * math.sin((math.pi - 0.1) / 2)
+    assert koleo_loss(points).item() == pytest.approx(-(2 * math.log(d_close) + math.log(d_far)) / 3, abs=1e-5)
+    single = torch.randn(1, 8, requires_grad=True)
+    loss = koleo_loss(single)
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(single.grad, torch.zeros_like(single))
+    # Identical rows: large but finite loss and gradients.
+    twins = torch.randn(1, 8).repeat(3, 1).requires_grad_(True)
+    loss = koleo_loss(twins)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(twins.grad).all()
+
+
+def test_koleo_spreads_nearly_identical_embeddings_apart():
+    # The failure it guards against: a head that maps every scan to (almost) the same embedding.
+    torch.manual_seed(0)
+    head = DINOHead(24, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    tokens = torch.randn(1, 24) + 0.05 * torch.randn(6, 24)
+    optimizer = torch.optim.AdamW(head.mlp.parameters(), lr=3e-3, weight_decay=0.0)
+
+    def mean_cosine():
+        z = head.embed(tokens).detach()
+        c = z @ z.t()
+        return float((c.sum() - c.diag().sum()) / 30)
+
+    before = mean_cosine()
+    for _ in range(50):
+        optimizer.zero_grad()
+        koleo_loss(head.embed(tokens)).backward()
+        optimizer.step()
+    assert before > 0.9 and mean_cosine() < 0.5, (before, mean_cosine())
+
+
+def test_koleo_term_compares_scans_within_each_view_on_the_global_head_embedding():
+    torch.manual_seed(0)
+    m = SMITPretrainModel(SMITConfig.preset("tiny"), heads=SMALL_HEADS)
+    views = torch.rand(3, 2, 1, 64, 64, 64)
+    masks = CubeMaskGenerator()(6, (64, 64, 64), generator=torch.Generator().manual_seed(0)).view(3, 2, 4, 4, 4)
+    torch.manual_seed(1)
+    out = m.compute_losses(views, masks, teacher_temp=0.04)
+    # The same student pass by hand: view-major rows, KoLeo over the 3 scans of view 0 and of view 1.
+    from nnunet_smit.pretraining.masking import cube_mask_to_grid
+
+    x = views.transpose(0, 1).flatten(0, 1)
+    flat_masks = masks.transpose(0, 1).flatten(0, 1)
+    torch.manual_seed(1)
+    s_out = m.student(x, cube_mask_to_grid(flat_masks, 16, 2), cube_mask_to_grid(flat_masks, 16, 16))
+    z = s_out.global_embedding
+    expected = (koleo_loss(z[:3]) + koleo_loss(z[3:])) / 2
+    assert out.terms["koleo"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(out.total, 0.1 * out.terms["dino"] + 0.1 * out.terms["ibot"] + out.terms["reconstruction"]
+                          + 0.1 * out.terms["koleo"])
+    # It trains the global head's MLP (and the encoder), not the prototypes.
+    m.zero_grad()
+    (out.terms["koleo"]).backward()
+    assert m.student.global_head.mlp[0].weight.grad.abs().sum() > 0
+    assert m.student.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.student.global_head.last_layer_parameters())
