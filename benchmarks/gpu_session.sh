@@ -68,6 +68,12 @@ session() {
         echo "nvidia-smi: not found"
     fi
     echo "CPUs: $(nproc); memory: $(free -g 2>/dev/null | awk '/Mem:/ {print $2}') GiB"
+    # A GPU machine without the project's dependencies (and no network): install wheels brought along in
+    # bench_out/wheels (ignored by git; `pip download --no-deps --python-version X.Y ...` them beforehand).
+    if [[ -d bench_out/wheels && $DRY_RUN != 1 ]]; then
+        timeout 120 python -m pip install --quiet --no-deps --no-index --no-build-isolation bench_out/wheels/* \
+            || echo "installing bench_out/wheels failed"
+    fi
     timeout 60 python -c "import torch,nnunetv2,monai;print(torch.__version__, torch.cuda.is_available())"
     # The benchmarks must import this checkout. On the GPU machine (a fresh copy) install it where it is not what
     # imports (offline, no dependencies: console scripts for gpu_extra.sh); a dry run leaves the environment alone.
