@@ -176,15 +176,17 @@ def test_resume_with_other_settings_is_refused(cache, tmp_path):
         PretrainTrainer(tiny_config(max_steps=2, centering="sinkhorn_knopp"), cache, tmp_path).fit()
 
 
-def test_checkpoint_without_a_centering_setting_resumes_as_running_mean_center(cache, tmp_path):
-    # Checkpoints written before the setting existed were trained with the running-mean center.
-    PretrainTrainer(tiny_config(max_steps=1, centering="center"), cache, tmp_path).fit()
+def test_checkpoint_from_before_a_setting_existed_resumes_with_the_behaviour_it_was_trained_with(cache, tmp_path):
+    # Checkpoints written before the settings existed were trained with the running-mean center and no KoLeo.
+    PretrainTrainer(tiny_config(max_steps=1, centering="center", weight_koleo=0.0), cache, tmp_path).fit()
     state = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-    del state["config"]["centering"]
+    del state["config"]["centering"], state["config"]["weight_koleo"]
     torch.save(state, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(SMITError, match="centering: 'center' -> 'sinkhorn_knopp'"):
-        PretrainTrainer(tiny_config(max_steps=2, centering="sinkhorn_knopp"), cache, tmp_path).fit()
-    resumed = PretrainTrainer(tiny_config(max_steps=2, centering="center"), cache, tmp_path)
+        PretrainTrainer(tiny_config(max_steps=2, centering="sinkhorn_knopp", weight_koleo=0.0), cache, tmp_path).fit()
+    with pytest.raises(SMITError, match="weight_koleo: 0.0 -> 0.1"):
+        PretrainTrainer(tiny_config(max_steps=2, centering="center"), cache, tmp_path).fit()
+    resumed = PretrainTrainer(tiny_config(max_steps=2, centering="center", weight_koleo=0.0), cache, tmp_path)
     resumed.fit()
     assert resumed.step == 2
 
