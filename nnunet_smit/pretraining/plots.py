@@ -42,7 +42,7 @@ def plot_loss_curves(log_path: Path, out_path: Path) -> Optional[Path]:
     if not records:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     steps = [r["step"] for r in records]
     for key in LOSS_KEYS:
         values = [r.get(key) for r in records]
@@ -65,6 +65,21 @@ def plot_loss_curves(log_path: Path, out_path: Path) -> Optional[Path]:
     axes[2].set_ylabel("teacher entropy (nats)")
     if axes[2].lines:
         axes[2].legend()
+    # Collapse watch: the teacher's per-prototype spread across views (0: every view alike), and the KoLeo term
+    # that keeps the embeddings apart (it may be negative, hence its own linear axis).
+    spread = [r.get("teacher_dim_std") for r in records]
+    if any(v is not None for v in spread):
+        axes[3].plot(steps, [np.nan if v is None else v for v in spread], color="tab:purple", label="teacher spread")
+        axes[3].set_yscale("log")
+        axes[3].set_ylabel("teacher per-prototype spread across views")
+    axes[3].set_xlabel("step")
+    koleo = [r.get("koleo") for r in records]
+    if any(v is not None for v in koleo):
+        twin = axes[3].twinx()
+        twin.plot(steps, [np.nan if v is None else v for v in koleo], color="tab:gray", label="koleo")
+        twin.set_ylabel("KoLeo term")
+        handles = axes[3].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        axes[3].legend(handles, [h.get_label() for h in handles])
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=80)
