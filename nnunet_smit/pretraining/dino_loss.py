@@ -20,8 +20,8 @@ sphere, different scans meet the prototypes at different angles and the teacher 
   spread of the teacher over 8 fresh views 1.16/K with KoLeo against 0.07/K without; teacher entropy 1.20 against
   4.34 (log K = 4.85). KoLeo on the backbone's global token instead (DINOv2's place) reached about 0.55/K.
 * ``smit_small``, 16 phantoms, 96^3, batch 6, the authors' schedule, 300 steps on one H200: the spread (x K) goes
-  0.17 -> 0.15 -> 0.20 -> 0.33 -> 0.28 with KoLeo on the embedding, but 0.17 -> 0.05 -> 0.03 -> 0.02 -> 0.01 without
-  KoLeo (and 0.17 -> 0.03 with KoLeo on the backbone token). The teacher is still close to uniform after these
+  0.17 -> 0.16 -> 0.26 -> 0.28 (steps 1, 80, 160, 300) with KoLeo on the embedding, but 0.17 -> 0.05 -> 0.03 -> 0.02
+  without KoLeo (and 0.17 -> 0.04 with KoLeo on the backbone token). The teacher is still close to uniform after these
   300 steps (entropy 0.99 log K, DINO loss at log K): the trend is reversed, a full run has to show the rest.
 
 Sinkhorn-Knopp centering (``centering="sinkhorn_knopp"``, the DINOv2/SwAV normalisation, 3 iterations over the
