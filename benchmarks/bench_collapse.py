@@ -6,7 +6,7 @@ collapsed to uniform), its per-prototype spread across the batch's views times K
 terms. A teacher that works has entropy clearly below log K and a spread of order 1 or more.
 
     python benchmarks/bench_collapse.py --device cuda --steps 400 \\
-        --setting "authors=--weight_koleo 0" --setting "default="
+        --setting "no_koleo=--weight_koleo 0" --setting "default="
     python benchmarks/bench_collapse.py --device cpu --preset tiny --view 64 --batch 2 --steps 40 --small_heads
 
 Settings run one after the other, or all at once on one GPU with ``--parallel`` (quality figures only, no timings).
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="folder of the runs (default: a temporary folder)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    settings = [parse_setting(s) for s in (args.setting or ["authors=--weight_koleo 0", "default="])]
+    settings = [parse_setting(s) for s in (args.setting or ["no_koleo=--weight_koleo 0", "default="])]
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smit_collapse_"))
     root.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's benchmarks in about 540 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
 # batch 6: authors-equivalent fp32 vs our settings, loader per worker count), bench_network.py (bf16, 96^3 and
-# 128^3) and bench_collapse.py (400 steps of smit_small on phantoms, the authors' settings next to ours, teacher
+# 128^3) and bench_collapse.py (400 steps of smit_small on phantoms, without KoLeo next to the default, teacher
 # entropy and spread), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
 # left of the session, and one failing part does not stop the next.
 #
