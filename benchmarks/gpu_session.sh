@@ -2,18 +2,18 @@
 # One GPU session's benchmarks in about 540 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
 # batch 6: authors-equivalent fp32 vs our settings, loader per worker count), bench_network.py (bf16, 96^3 and
 # 128^3) and bench_collapse.py (400 steps of smit_small on phantoms, without KoLeo next to the default, teacher
-# entropy and spread), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
-# left of the session, and one failing part does not stop the next.
+# entropy and spread), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by
+# what is left of the session, and one failing part does not stop the next.
 #
 #     OUT=/path/to/folder bash benchmarks/gpu_session.sh     # on the GPU machine, from the repository root
-#     DRY_RUN=1 bash benchmarks/gpu_session.sh               # the same parts on the CPU with tiny settings (~2 min)
+#     DRY_RUN=1 bash benchmarks/gpu_session.sh               # the same parts on the CPU with tiny settings
 #
 # Writes $OUT/gpu_session.txt (all output), $OUT/bench_pretrain.json, $OUT/bench_network.json and
-# $OUT/bench_collapse.json. gpu_extra.sh
-# runs last with OUT, REPO, PYTHONPATH and EXTRA_LIMIT_S (its seconds) exported; where only 8 files come back
-# from $OUT, it should write at most 5.
-# Knobs (seconds): SESSION_S (540, the whole run), PRETRAIN_S (170), NETWORK_S (90), COLLAPSE_S (230); BENCH_PRETRAIN_ARGS adds
-# arguments to bench_pretrain.py (e.g. --no_compile; time a part leaves unused goes to gpu_extra.sh).
+# $OUT/bench_collapse.json. gpu_extra.sh runs last with OUT, REPO, PYTHONPATH and EXTRA_LIMIT_S (its seconds)
+# exported.
+# Knobs (seconds): SESSION_S (540, the whole run), PRETRAIN_S (170), NETWORK_S (90), COLLAPSE_S (230);
+# BENCH_PRETRAIN_ARGS adds arguments to bench_pretrain.py (e.g. --no_compile; time a part leaves unused goes to
+# the parts after it).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd -P)
