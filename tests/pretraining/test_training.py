@@ -98,7 +98,7 @@ SHORT_RUN = dict(max_steps=24, batch_size=2, base_lr=5e-4, momentum_teacher=0.98
 
 
 def _fresh_teacher_stats(trainer):
-    """Collapse indicators of the teacher's global output on 8 views of 4 scans it has not been trained on."""
+    """Collapse indicators of the teacher's global output on 8 new views (fresh crops, 2 per scan) of the 4 scans."""
     batch = torch.utils.data.default_collate([trainer.dataset.sample(i % 4, 2000 + i) for i in range(4)])
     with torch.no_grad():
         logits = trainer.model.teacher(batch["views"].flatten(0, 1), None, None).global_logits
