@@ -136,6 +136,9 @@ class PretrainConfig:
             raise SMITError("epochs must be at least 1.")
         if self.centering not in CENTERING_MODES:
             raise SMITError(f"centering must be one of {', '.join(CENTERING_MODES)}, got {self.centering!r}.")
+        for name in ("weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo"):
+            if not getattr(self, name) >= 0:  # also catches NaN
+                raise SMITError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}.")
 
     def encoder_config(self) -> SMITConfig:
         return SMITConfig.preset(self.preset, **self.encoder_overrides)

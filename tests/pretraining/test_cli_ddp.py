@@ -57,6 +57,12 @@ def test_missing_input_folder_is_a_one_line_error(tmp_path, capsys):
     assert "Traceback" not in captured.err and captured.out == ""
 
 
+def test_negative_loss_weight_is_a_one_line_error(tmp_path, capsys):
+    code = main(["-d", str(tmp_path), "-o", str(tmp_path / "out"), "--weight_koleo", "-0.1"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err == "error: weight_koleo must be 0 (off) or positive, got -0.1.\n"
+
+
 def test_folder_without_scans_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no scans here")
