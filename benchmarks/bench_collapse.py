@@ -49,12 +49,11 @@ def base_command(args: argparse.Namespace, data: Path, cache: Path) -> List[str]
     return command
 
 
-def read_log(out_dir: Path) -> List[Dict]:
-    path = out_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("event") == "train"]
+def train_records(out_dir: Path) -> List[Dict]:
+    """The training records of a run's log (a line cut off by the stop at the budget is skipped)."""
+    from nnunet_smit.pretraining.plots import read_log
+
+    return [r for r in read_log(out_dir / "log.jsonl") if r.get("event") == "train"]
 
 
 def config_value(out_dir: Path, key: str, default):
@@ -125,7 +124,7 @@ def main() -> None:
     for name, out, log, process in runs:
         code = finish(process)
         log.close()
-        results[name] = {"exit": code, "records": read_log(out), "options": dict(settings)[name],
+        results[name] = {"exit": code, "records": train_records(out), "options": dict(settings)[name],
                          "out_dim": config_value(out, "head_out_dim", 1024 if args.small_heads else 8192)}
         if code and code != 130:  # 130: stopped at the budget
             tail = (root / f"{name}.stderr.txt").read_text().strip().splitlines()[-1:]
