@@ -18,6 +18,9 @@ from typing import Any, Dict, List, Optional
 
 from nnunet_smit.errors import SMITError
 
+# torch.compile's modes (PretrainConfig.compile_mode checks against the same tuple).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # Settings of --demo: the tiny preset on 64^3 views of phantoms, about 200 steps (minutes on a laptop CPU).
 DEMO_SETTINGS: Dict[str, Any] = {
     "preset": "tiny",
@@ -45,7 +48,7 @@ CONFIG_OPTIONS = (
     "mask_ratio", "mask_cube_size", "weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo",
     "head_hidden_dim", "head_bottleneck_dim", "head_out_dim", "head_layers", "intensity_jitter", "body_bias",
     "precision", "device", "num_workers", "seed", "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
-    "log_every_steps", "preview_every_epochs", "export", "centering",
+    "log_every_steps", "preview_every_epochs", "export", "centering", "compile_mode",
 )
 
 
@@ -109,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
                         help="autocast: auto = bf16 on GPUs that support it, fp32 on CPU")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute blocks to save memory")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step's student, teacher and losses (the student alone under DDP)")
+    parser.add_argument("--compile_mode", choices=COMPILE_MODES,
+                        help="torch.compile mode (default); implies --compile")
     parser.add_argument("--device", help="auto (default), cpu, cuda")
     parser.add_argument("--num_workers", type=int, help="data-loader processes per GPU (4)")
     parser.add_argument("--seed", type=int, help="random seed (0)")
@@ -141,6 +147,8 @@ def config_from_args(args: argparse.Namespace):
     for flag in ("flips", "gradient_checkpointing", "compile", "deterministic"):
         if getattr(args, flag):
             values[flag] = True
+    if args.compile_mode is not None:
+        values["compile"] = True
     if args.shared_patch_head:
         values["separate_patch_head"] = False
     if args.no_progress:

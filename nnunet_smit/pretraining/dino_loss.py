@@ -77,7 +77,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         return torch.zeros_like(logits)
     q = torch.exp((logits - shift) / teacher_temp).t()  # (K, N)
     num_prototypes = q.shape[0]
-    num_samples = all_reduce_sum(q.new_tensor([float(q.shape[1])]))
+    num_samples = all_reduce_sum(q.new_full((1,), float(q.shape[1])))
     tiny = torch.finfo(q.dtype).tiny
     q /= all_reduce_sum(q.sum().reshape(1)).clamp_min(tiny)
     for _ in range(n_iterations):
@@ -153,7 +153,8 @@ class CenteredTeacherLoss(nn.Module):
         Every process contributes its sum and row count, so processes with different N (masked iBOT tokens) weigh
         by their rows.
         """
-        stats = torch.cat([teacher_logits.float().sum(dim=0), teacher_logits.new_tensor([teacher_logits.shape[0]]).float()])
+        rows = teacher_logits.new_full((1,), float(teacher_logits.shape[0]), dtype=torch.float32)  # no host copy
+        stats = torch.cat([teacher_logits.float().sum(dim=0), rows])
         all_reduce_mean(stats)
         batch_center = (stats[:-1] / stats[-1].clamp_min(1e-12))[None]
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)

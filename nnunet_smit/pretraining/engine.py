@@ -40,6 +40,7 @@ from nnunet_smit.architectures import SMITConfig
 from nnunet_smit.checkpoint import atomic_write, save_encoder_checkpoint, state_dict_sha256
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.cli import COMPILE_MODES
 from nnunet_smit.pretraining.dino_loss import CENTERING_MODES
 from nnunet_smit.pretraining.model import HeadConfig, ObjectiveWeights, SMITPretrainModel, teacher_collapse_stats
 from nnunet_smit.pretraining.sampler import EpochShardSampler, TwoViewDataset, ViewSampling, VolumeSource, make_worker_init_fn
@@ -55,7 +56,7 @@ STATE_VERSION = 1
 RUNTIME_FIELDS = frozenset(
     {
         "max_steps", "num_workers", "log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
-        "preview_every_epochs", "compile", "export", "device", "progress", "gradient_checkpointing",
+        "preview_every_epochs", "compile", "compile_mode", "export", "device", "progress", "gradient_checkpointing",
     }
 )
 
@@ -111,6 +112,7 @@ class PretrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     device: str = "auto"
     num_workers: int = 4
     seed: int = 0
@@ -124,6 +126,8 @@ class PretrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise SMITError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}.")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise SMITError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}.")
         if self.export not in ("teacher", "student"):
@@ -348,7 +352,10 @@ class PretrainTrainer:
             gradient_checkpointing=config.gradient_checkpointing,
         ).to(self.device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.schedules.lr(0), betas=(0.9, 0.999))
+        # On a GPU the fused kernel updates every parameter in a few launches (the step is launch-bound there).
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=self.schedules.lr(0), betas=(0.9, 0.999), fused=self.device.type == "cuda" or None
+        )
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -361,7 +368,13 @@ class PretrainTrainer:
                 find_unused_parameters=True,
             )
         if config.compile:
-            self.student_fn = torch.compile(self.student_fn)
+            if self.dist.distributed:
+                # Under DDP the wrapped student is compiled (DDP's own graph splitting at its gradient buckets).
+                self.student_fn = torch.compile(self.student_fn, mode=config.compile_mode)
+            else:
+                # One process: student, teacher and losses as one graph (the step's device part has no host
+                # synchronisation or data-dependent shape, so it traces whole).
+                self.model.compile_losses(mode=config.compile_mode)
 
         self.step = 0
         self.sampling = ViewSampling(
@@ -550,7 +563,7 @@ class PretrainTrainer:
         """One optimisation step on a collated batch; returns (scalars as tensors, loss output)."""
         values = self._apply_schedules()
         views = batch["views"].to(self.device, non_blocking=True)
-        masks = batch["masks"].to(self.device, non_blocking=True)
+        masks = batch["masks"]  # compute_losses reads them on the host and sends them to the device itself
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.model.compute_losses(
@@ -638,22 +651,31 @@ class PretrainTrainer:
                 window_steps += 1
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{float(scalars['loss']):.4f}", refresh=False)
 
                 last = self.step >= self.stop_step
-                if self.step % max(config.log_every_steps, 1) == 0 or last or epoch_end or self.step == 1:
+                log_due = self.step % max(config.log_every_steps, 1) == 0 or last or epoch_end or self.step == 1
+                if log_due:
+                    # Losses are read back from the device only here (and for the progress bar's figure), so the
+                    # host queues the next steps while the device still works on this one.
                     elapsed = time.perf_counter() - window_start
-                    self._log_window(window, window_steps, elapsed, data_time, epoch)
+                    record = self._log_window(window, window_steps, elapsed, data_time, epoch)
+                    if progress is not None and "loss" in record:
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                     window, window_steps, data_time = {}, 0, 0.0
                     window_start = time.perf_counter()
                 if (epoch_end or last) and self.dist.is_main:
                     self._epoch_outputs(epoch, out.preview)
-                due = (
-                    (config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
-                    or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
-                    or epoch_end
-                )
-                stop, due = self._sync_flags(bool(due))
+                step_due = bool(config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
+                stop, due = False, False
+                # Under data parallelism the processes agree on stopping and on the clock-based checkpoint with an
+                # all-reduce that waits for the device, so only at steps every process stops at anyway.
+                if not self.dist.distributed or log_due or step_due:
+                    due = (
+                        step_due
+                        or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
+                        or epoch_end
+                    )
+                    stop, due = self._sync_flags(due)
                 if stop or last or due:
                     self.save_checkpoint()
                 if stop:
@@ -672,8 +694,10 @@ class PretrainTrainer:
                 progress.close()
 
     # ----------------------------------------------------------------------------------------------------------
-    def _log_window(self, window: Dict[str, List[Any]], steps: int, elapsed: float, data_time: float, epoch: int) -> None:
-        """Reduce the window's values (mean over steps, and over processes) and write one log record."""
+    def _log_window(
+        self, window: Dict[str, List[Any]], steps: int, elapsed: float, data_time: float, epoch: int
+    ) -> Dict[str, Any]:
+        """Reduce the window's values (mean over steps, and over processes), write one log record and return it."""
         probs = window.pop("_teacher_probs", None)
         keys = sorted(k for k, v in window.items() if v and torch.is_tensor(v[0]))
         means = torch.stack([torch.stack([v.float() for v in window[k]]).mean() for k in keys]) if keys else None
@@ -697,6 +721,7 @@ class PretrainTrainer:
         record["memory_mb"] = self._memory_mb()
         if self.dist.is_main:
             self._log(record)
+        return record
 
     def _memory_mb(self) -> float:
         if self.device.type == "cuda":

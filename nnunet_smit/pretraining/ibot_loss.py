@@ -37,7 +37,8 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         per_token = -(teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(dim=-1)
         sums = per_token.new_zeros(num_views).index_add_(0, token_view_index, per_token)
         counts = per_token.new_zeros(num_views).index_add_(0, token_view_index, torch.ones_like(per_token))
-        has_tokens = counts > 0
-        if not bool(has_tokens.any()):
-            return per_token.sum() * 0.0
-        return (sums[has_tokens] / counts[has_tokens]).mean()
+        # Mean over the views that have tokens, written without a data-dependent branch or selection (which would
+        # make the host wait for the device); 0 with a gradient path when no view has any.
+        has_tokens = (counts > 0).to(sums.dtype)
+        per_view = sums / counts.clamp_min(1.0)
+        return (per_view * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)

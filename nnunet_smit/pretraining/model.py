@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -144,16 +144,20 @@ class StudentNetwork(nn.Module):
         return [h for h in (self.global_head, self.patch_head) if h is not None]
 
     def forward(
-        self, views: torch.Tensor, token_mask: Optional[torch.Tensor], tap_mask: Optional[torch.Tensor]
+        self, views: torch.Tensor, token_mask: Optional[torch.Tensor], patch_index: Optional[torch.Tensor]
     ) -> StudentOutput:
         """Run one side.
 
         Args:
             views: (N, C_in, D, H, W).
             token_mask: bool (N, D/2, H/2, W/2) masked patch tokens, or None for the unmasked teacher pass.
-            tap_mask: bool (N, D/16, H/16, W/16) tap tokens whose patch logits are wanted, or None.
+            patch_index: long (M,) tap tokens whose patch logits are wanted, as rows of the (N * T) tap tokens
+                (view-major, T = D/16 * H/16 * W/16 per view, see :func:`masked_tap_index`), or None.
         """
-        out = self.encoder(views, token_mask=token_mask, mask_token=self.mask_token if token_mask is not None else None)
+        out = self.encoder(
+            views, token_mask=token_mask, mask_token=self.mask_token if token_mask is not None else None,
+            with_features=False,
+        )
         result = StudentOutput()
         need_tap = self.global_head is not None or self.patch_head_enabled or self.global_token_wanted
         if need_tap:
@@ -163,11 +167,45 @@ class StudentNetwork(nn.Module):
                 result.global_embedding = self.global_head.embed(result.global_token)
                 result.global_logits = self.global_head.last_layer(result.global_embedding)
             patch_head = self._patch_head()
-            if patch_head is not None and tap_mask is not None:
-                result.patch_logits = patch_head(tokens[tap_mask.flatten(1)])
+            if patch_head is not None and patch_index is not None:
+                # A gather with indices known in advance: unlike a boolean selection, it does not wait for the
+                # device to count the selected tokens.
+                result.patch_logits = patch_head(tokens.flatten(0, 1).index_select(0, patch_index))
         if self.recon_head is not None:
             result.reconstruction = self.recon_head(out.bottleneck)
         return result
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without the host waiting: to a GPU through pinned memory (a copy from
+    pageable memory may wait for the device's queue)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def masked_tap_index(tap_mask: torch.Tensor) -> torch.Tensor:
+    """bool (N, d, h, w) tap mask -> long (M,) indices of its True cells as rows of the (N * d*h*w) tap tokens."""
+    return tap_mask.flatten().nonzero().squeeze(1)
+
+
+def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, cube_mask: torch.Tensor, cube: int) -> torch.Tensor:
+    """Mean absolute error over the voxels of the masked cubes (0, with a gradient path, when none is masked).
+
+    Sums the error per cube and weighs the cubes by the mask, so neither a voxel mask nor a data-dependent selection
+    (which would make the host wait for the device) is needed.
+
+    Args:
+        reconstruction, target: (N, C, D, H, W).
+        cube_mask: bool (N, D/cube, H/cube, W/cube), on the device of the images.
+        cube: voxels per cube edge.
+    """
+    error = (reconstruction.float() - target.float()).abs()
+    n, c = error.shape[:2]
+    gd, gh, gw = cube_mask.shape[1:]
+    per_cube = error.view(n, c, gd, cube, gh, cube, gw, cube).sum(dim=(1, 3, 5, 7))
+    weights = cube_mask.to(per_cube.dtype)
+    return (per_cube * weights).sum() / (weights.sum() * (c * cube**3)).clamp_min(1.0)
 
 
 @dataclass
@@ -225,6 +263,10 @@ class SMITPretrainModel(nn.Module):
         loss_kwargs = dict(student_temp=student_temp, center_momentum=center_momentum, centering=centering)
         self.dino_loss = DINOLoss(heads.out_dim, **loss_kwargs) if enabled["dino"] else None
         self.ibot_loss = IBOTPatchLoss(heads.out_dim, **loss_kwargs) if enabled["ibot"] else None
+        # Set by compile_losses(); not a module attribute torch.nn would register or save.
+        self.compiled_losses: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
+        self.compiled_with_graphs = False
+        self.shift_masks_cached = False
 
     def _copy_student_as_teacher(self) -> StudentNetwork:
         """The teacher starts as an exact copy of the student (without mask token and reconstruction head)."""
@@ -287,7 +329,8 @@ class SMITPretrainModel(nn.Module):
 
         Args:
             views: (B, V, C_in, D, H, W) float, V views of each of B scans.
-            cube_masks: bool (B, V, D/cube, H/cube, W/cube), True where the student's view is masked.
+            cube_masks: bool (B, V, D/cube, H/cube, W/cube), True where the student's view is masked; best on the
+                CPU, as the loader delivers them (on the device they are copied back once).
             teacher_temp: current teacher temperature.
             student: the callable that runs the student (the DDP wrapper under data parallelism); defaults to
                 ``self.student``.
@@ -299,34 +342,103 @@ class SMITPretrainModel(nn.Module):
             and ``koleo`` (those switched on).
         """
         student = self.student if student is None else student
-        batch, num_views = views.shape[:2]
+        num_views = views.shape[1]
+        device = views.device
         # View-major order: rows [v*B:(v+1)*B] hold view v of every scan.
         x = views.transpose(0, 1).flatten(0, 1)
-        masks = cube_masks.transpose(0, 1).flatten(0, 1)
-        token_mask = cube_mask_to_grid(masks, self.mask_cube_size, self.config.patch_size)
-        tap_mask = cube_mask_to_grid(masks, self.mask_cube_size, TAP_STRIDE)
+        host_masks = cube_masks.transpose(0, 1).flatten(0, 1).cpu()
+        # The masked tap tokens' indices are counted on the host, where the masks come from, and sent along with
+        # the masks: no step waits for the device to count them.
+        tap_host = cube_mask_to_grid(host_masks, self.mask_cube_size, TAP_STRIDE)
+        patch_index_host = masked_tap_index(tap_host)
+        token_view_host = patch_index_host // tap_host[0].numel()
+        masks, patch_index, token_view = (
+            to_device_async(t, device) for t in (host_masks, patch_index_host, token_view_host)
+        )
+        temperature = torch.full((), float(teacher_temp), dtype=torch.float32, device=device)
 
-        s_out = student(x, token_mask, tap_mask)
-        terms: Dict[str, torch.Tensor] = {}
+        if self.compiled_losses is None or not self.shift_masks_cached:
+            # Eager, also for the first step of a compiled run: it fills the encoders' shift-mask caches, which a
+            # graph traced before would have to be traced again for (a second compilation of the whole step).
+            self.shift_masks_cached = True
+            outputs = self.losses_on_device(
+                student, x, masks, patch_index, token_view, temperature, num_views, update_centers
+            )
+        else:
+            if self.compiled_with_graphs:
+                # CUDA graphs ("reduce-overhead") reuse their output memory at the next replay: a new step begins
+                # here, and what outlives the step (logged terms, teacher probabilities, the preview) is copied.
+                torch.compiler.cudagraph_mark_step_begin()
+            outputs = self.compiled_losses(
+                student, x, masks, patch_index, token_view, temperature, num_views, update_centers
+            )
+            if self.compiled_with_graphs:
+                outputs = {k: v if k == "total" else v.clone() for k, v in outputs.items()}
+        result = LossOutput(
+            total=outputs.pop("total"),
+            teacher_global_probs=outputs.pop("teacher_global_probs", None),
+        )
+        reconstruction = outputs.pop("reconstruction_output", None)
+        result.terms = outputs
+        if with_preview:
+            voxels = cube_mask_to_grid(host_masks[:1], self.mask_cube_size, 1)
+            result.preview = {
+                "input": x[0, 0].detach().float().cpu(),
+                "mask": voxels[0].cpu(),
+                "reconstruction": reconstruction[0, 0].detach().float().cpu() if reconstruction is not None else None,
+            }
+        return result
+
+    def losses_on_device(
+        self,
+        student: Callable[..., StudentOutput],
+        x: torch.Tensor,
+        masks: torch.Tensor,
+        patch_index: torch.Tensor,
+        token_view: torch.Tensor,
+        teacher_temp: torch.Tensor,
+        num_views: int,
+        update_centers: bool,
+    ) -> Dict[str, torch.Tensor]:
+        """The device part of :meth:`compute_losses`: student and teacher passes and the weighted loss.
+
+        Free of host synchronisation and data-dependent shapes, so the device never waits for the host's next
+        command and ``torch.compile`` can trace it whole (:meth:`compile_losses`).
+
+        Args:
+            student: the callable that runs the student.
+            x: (N, C_in, D, H, W) views, view-major.
+            masks: bool (N, D/cube, H/cube, W/cube) cube masks on the device.
+            patch_index: long (M,) masked tap tokens (:func:`masked_tap_index`).
+            token_view: long (M,) the view of each of them.
+            teacher_temp: 0-d float tensor (a tensor, so that a changing temperature does not recompile).
+            num_views: views per scan.
+            update_centers: update the DINO/iBOT centers.
+
+        Returns:
+            ``total``, the unweighted terms, ``teacher_global_probs`` (detached) when DINO is on, and
+            ``reconstruction_output`` (the student's reconstruction, detached) when reconstruction is on.
+        """
+        token_mask = cube_mask_to_grid(masks, self.mask_cube_size, self.config.patch_size)
+        s_out = student(x, token_mask, patch_index)
+        outputs: Dict[str, torch.Tensor] = {}
         total = x.new_zeros((), dtype=torch.float32)
-        result = LossOutput(total=total)
 
         if self.teacher is not None:
             with torch.no_grad():
-                t_out = self.teacher(x, None, tap_mask)
+                t_out = self.teacher(x, None, patch_index)
             if self.dino_loss is not None:
                 t_probs = self.dino_loss.teacher_probs(t_out.global_logits, teacher_temp)
                 loss = self.dino_loss(s_out.global_logits.chunk(num_views), t_probs.chunk(num_views))
-                terms["dino"] = loss
+                outputs["dino"] = loss
                 total = total + self.weights.dino * loss
-                result.teacher_global_probs = t_probs.detach()
+                outputs["teacher_global_probs"] = t_probs.detach()
                 if update_centers:
                     self.dino_loss.update_center(t_out.global_logits)
             if self.ibot_loss is not None:
                 t_probs = self.ibot_loss.teacher_probs(t_out.patch_logits, teacher_temp)
-                view_index = tap_mask.flatten(1).nonzero()[:, 0]
-                loss = self.ibot_loss(s_out.patch_logits, t_probs, view_index, x.shape[0])
-                terms["ibot"] = loss
+                loss = self.ibot_loss(s_out.patch_logits, t_probs, token_view, x.shape[0])
+                outputs["ibot"] = loss
                 total = total + self.weights.ibot * loss
                 if update_centers:
                     self.ibot_loss.update_center(t_out.patch_logits)
@@ -336,28 +448,24 @@ class SMITPretrainModel(nn.Module):
             # embedding the prototypes are compared with: its spread is what makes the teacher input-dependent.
             spread = s_out.global_embedding if s_out.global_embedding is not None else s_out.global_token
             loss = torch.stack([koleo_loss(t) for t in spread.chunk(num_views)]).mean()
-            terms["koleo"] = loss
+            outputs["koleo"] = loss
             total = total + self.weights.koleo * loss
 
         if s_out.reconstruction is not None:
-            voxel_mask = cube_mask_to_grid(masks, self.mask_cube_size, 1).unsqueeze(1).expand_as(x)
-            error = (s_out.reconstruction.float() - x.float()).abs()
-            loss = error[voxel_mask].mean() if bool(voxel_mask.any()) else error.sum() * 0.0
-            terms["reconstruction"] = loss
+            loss = masked_l1(s_out.reconstruction, x, masks, self.mask_cube_size)
+            outputs["reconstruction"] = loss
             total = total + self.weights.reconstruction * loss
+            outputs["reconstruction_output"] = s_out.reconstruction.detach()
 
-        result.total = total
-        result.terms = terms
-        if with_preview:
-            voxels = cube_mask_to_grid(masks[:1], self.mask_cube_size, 1)
-            result.preview = {
-                "input": x[0, 0].detach().float().cpu(),
-                "mask": voxels[0].cpu(),
-                "reconstruction": (
-                    s_out.reconstruction[0, 0].detach().float().cpu() if s_out.reconstruction is not None else None
-                ),
-            }
-        return result
+        outputs["total"] = total
+        return outputs
+
+    def compile_losses(self, **compile_kwargs: Any) -> None:
+        """Run :meth:`losses_on_device` through ``torch.compile`` from now on (student, teacher and losses as one
+        graph: fused kernels and far fewer launches than eager mode). ``compile_kwargs`` go to ``torch.compile``
+        (e.g. ``mode="max-autotune"``)."""
+        self.compiled_losses = torch.compile(self.losses_on_device, **compile_kwargs)
+        self.compiled_with_graphs = compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
 
 
 def teacher_collapse_stats(probs: torch.Tensor) -> Dict[str, float]:

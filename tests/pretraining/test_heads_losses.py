@@ -202,11 +202,12 @@ def test_koleo_term_compares_scans_within_each_view_on_the_global_head_embedding
     out = m.compute_losses(views, masks, teacher_temp=0.04)
     # The same student pass by hand: view-major rows, KoLeo over the 3 scans of view 0 and of view 1.
     from nnunet_smit.pretraining.masking import cube_mask_to_grid
+    from nnunet_smit.pretraining.model import masked_tap_index
 
     x = views.transpose(0, 1).flatten(0, 1)
     flat_masks = masks.transpose(0, 1).flatten(0, 1)
     torch.manual_seed(1)
-    s_out = m.student(x, cube_mask_to_grid(flat_masks, 16, 2), cube_mask_to_grid(flat_masks, 16, 16))
+    s_out = m.student(x, cube_mask_to_grid(flat_masks, 16, 2), masked_tap_index(cube_mask_to_grid(flat_masks, 16, 16)))
     z = s_out.global_embedding
     expected = (koleo_loss(z[:3]) + koleo_loss(z[3:])) / 2
     assert out.terms["koleo"].item() == pytest.approx(expected.item(), rel=1e-5)
