@@ -30,7 +30,8 @@ class EncoderOutput:
     """What the encoder returns.
 
     Attributes:
-        features: four skip features, stage i of shape (B, C * 2**i, D / 2**(i+1), H / 2**(i+1), W / 2**(i+1)).
+        features: four skip features, stage i of shape (B, C * 2**i, D / 2**(i+1), H / 2**(i+1), W / 2**(i+1));
+            empty when the forward pass was asked for none (``with_features=False``).
         merged: the output of each stage's patch merging, stage i of shape
             (B, 2C * 2**i, D / 2**(i+2), ...). ``merged[2]`` (8C channels at 1/16) is the SMIT
             distillation tap, ``merged[3]`` the raw bottleneck.
@@ -128,6 +129,36 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+# Fused (memory-efficient) attention on CUDA takes 16-bit inputs only with a head dimension that is a multiple of 8;
+# otherwise SDPA falls back to its explicit math path (smit_small's first stage has 48 / 4 = 12 channels per head).
+FUSED_HEAD_DIM_MULTIPLE = 8
+
+
+def fused_head_dim(head_dim: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Head dimension to run SDPA with: ``head_dim`` rounded up to a multiple of 8 for 16-bit inputs on CUDA,
+    where that keeps the fused kernel; unchanged elsewhere (fp32, or the CPU, whose kernels take any size)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return -(-head_dim // FUSED_HEAD_DIM_MULTIPLE) * FUSED_HEAD_DIM_MULTIPLE
+    return head_dim
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, padded_head_dim: Optional[int] = None
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim) + attn_mask) v`` through SDPA, q, k, v (B, heads, N, head_dim).
+
+    With ``padded_head_dim`` larger than head_dim, q, k and v are zero-padded to it (which changes no dot product
+    and only adds zero output channels, sliced off again) and the scale stays that of the true head_dim.
+    """
+    head_dim = q.shape[-1]
+    padded = head_dim if padded_head_dim is None else padded_head_dim
+    if padded == head_dim:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=head_dim**-0.5)
+    return out[..., :head_dim]
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside 3D windows, with a learned relative position bias."""
 
@@ -157,7 +188,7 @@ class WindowAttention(nn.Module):
             attn_mask = bias.unsqueeze(0) + shift_mask.unsqueeze(1)  # (nW, heads, N, N)
             attn_mask = attn_mask.to(q.dtype).unsqueeze(0).expand(bw // num_windows, -1, -1, -1, -1)
             attn_mask = attn_mask.reshape(bw, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask, fused_head_dim(q.shape[-1], q.device, q.dtype))
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
@@ -336,9 +367,12 @@ class SwinEncoder(nn.Module):
         x: torch.Tensor,
         token_mask: Optional[torch.Tensor] = None,
         mask_token: Optional[torch.Tensor] = None,
+        with_features: bool = True,
     ) -> EncoderOutput:
         """x: (B, C_in, D, H, W). token_mask: bool (B, D/2, H/2, W/2), True where the patch token is replaced by
-        ``mask_token`` (1, 1, C) after the patch embedding and its norm (masked image modelling)."""
+        ``mask_token`` (1, 1, C) after the patch embedding and its norm (masked image modelling).
+        ``with_features=False`` leaves ``features`` empty (pretraining reads only ``merged`` and ``bottleneck``;
+        the four normalised, channels-first copies of the stage outputs are then not made)."""
         if x.ndim != 5:
             raise InputShapeError(f"SMIT expects a 5-D input (B, C, D, H, W); got shape {tuple(x.shape)}.")
         self.check_input_size(x.shape[2:])
@@ -356,10 +390,10 @@ class SwinEncoder(nn.Module):
         merged: List[torch.Tensor] = []
         monai_outputs = self.config.stage_outputs == "monai"
         for i, stage in enumerate(self.layers):
-            if monai_outputs:
+            if monai_outputs and with_features:
                 features.append(_channels_first(F.layer_norm(tokens, tokens.shape[-1:])))
             tokens = stage.run_blocks(tokens)
-            if not monai_outputs:
+            if not monai_outputs and with_features:
                 features.append(_channels_first(getattr(self, f"norm{i}")(tokens)))
             tokens = stage.downsample(tokens)
             merged.append(_channels_first(tokens))

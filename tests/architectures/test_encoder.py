@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from nnunet_smit.architectures import SMITConfig, SMITNet, SwinEncoder
-from nnunet_smit.architectures.swin_encoder import shifted_window_mask, window_partition, window_reverse
+from nnunet_smit.architectures.swin_encoder import (
+    attention,
+    fused_head_dim,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
 from nnunet_smit.errors import InputShapeError, SMITError
 
 
@@ -57,6 +63,30 @@ def test_indivisible_input_names_the_rule():
 def test_window_partition_roundtrip():
     x = torch.randn(2, 8, 12, 4, 5)
     assert torch.equal(window_reverse(window_partition(x, (4, 4, 4)), (4, 4, 4), 2, 8, 12, 4), x)
+
+
+def test_head_dim_is_padded_to_keep_the_fused_kernel_only_where_it_needs_it():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # smit_small's first stage (48 channels / 4 heads = 12): 16-bit CUDA inputs go to 16; fp32 and the CPU stay.
+    assert fused_head_dim(12, cuda, torch.bfloat16) == 16 and fused_head_dim(12, cuda, torch.float16) == 16
+    assert fused_head_dim(24, cuda, torch.bfloat16) == 24 and fused_head_dim(6, cuda, torch.bfloat16) == 8
+    assert fused_head_dim(12, cuda, torch.float32) == 12 and fused_head_dim(12, cpu, torch.bfloat16) == 12
+
+
+def test_padded_head_dim_attention_equals_the_unpadded_one_with_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 4, 64, 12, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 64, 64, dtype=torch.float64, requires_grad=True)
+    plain = attention(q, k, v, bias)
+    padded = attention(q, k, v, bias, padded_head_dim=16)
+    assert padded.shape == plain.shape == (6, 4, 64, 12)
+    assert torch.allclose(padded, plain, atol=1e-12)
+    explicit = torch.softmax(q @ k.transpose(-1, -2) / 12**0.5 + bias, dim=-1) @ v
+    assert torch.allclose(plain, explicit, atol=1e-12)
+    grads_plain = torch.autograd.grad(plain.square().sum(), (q, k, v, bias))
+    grads_padded = torch.autograd.grad(padded.square().sum(), (q, k, v, bias))
+    for a, b in zip(grads_plain, grads_padded):
+        assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_shift_mask_separates_wrapped_regions():
