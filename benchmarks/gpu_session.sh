@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session's benchmarks in about 540 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
-# batch 6: authors-equivalent fp32 vs our settings, loader per worker count), bench_network.py (bf16, 96^3 and
-# 128^3) and bench_collapse.py (400 steps of smit_small on phantoms, without KoLeo next to the default, teacher
-# entropy and spread), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by
-# what is left of the session, and one failing part does not stop the next.
+# batch 6: authors-equivalent fp32 vs fp32, bf16, bf16 + torch.compile and bf16 + torch.compile with CUDA graphs;
+# loader with 0 and 4 workers), bench_network.py (bf16, 96^3 and 128^3) and, when COLLAPSE_S is set,
+# bench_collapse.py (400 steps of smit_small on phantoms, without KoLeo next to the default, teacher entropy and
+# spread), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
+# left of the session, and one failing part does not stop the next.
 #
 #     OUT=/path/to/folder bash benchmarks/gpu_session.sh     # on the GPU machine, from the repository root
 #     DRY_RUN=1 bash benchmarks/gpu_session.sh               # the same parts on the CPU with tiny settings
@@ -11,9 +12,9 @@
 # Writes $OUT/gpu_session.txt (all output), $OUT/bench_pretrain.json, $OUT/bench_network.json and
 # $OUT/bench_collapse.json. gpu_extra.sh runs last with OUT, REPO, PYTHONPATH and EXTRA_LIMIT_S (its seconds)
 # exported.
-# Knobs (seconds): SESSION_S (540, the whole run), PRETRAIN_S (170), NETWORK_S (90), COLLAPSE_S (230);
-# BENCH_PRETRAIN_ARGS adds arguments to bench_pretrain.py (e.g. --no_compile; time a part leaves unused goes to
-# the parts after it).
+# Knobs (seconds): SESSION_S (540, the whole run), PRETRAIN_S (400), NETWORK_S (90), COLLAPSE_S (0: skipped);
+# PRETRAIN_SETTINGS (the bench_pretrain.py settings), BENCH_PRETRAIN_ARGS adds arguments to bench_pretrain.py (e.g.
+# --no_compile; time a part leaves unused goes to the parts after it).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd -P)
@@ -24,9 +25,10 @@ fi
 : "${OUT:?set OUT to the output folder}"
 mkdir -p "$OUT"
 SESSION_S=${SESSION_S:-$( ((DRY_RUN)) && echo 600 || echo 540)}
-PRETRAIN_S=${PRETRAIN_S:-170}
+PRETRAIN_S=${PRETRAIN_S:-400}
 NETWORK_S=${NETWORK_S:-$( ((DRY_RUN)) && echo 200 || echo 90)}
-COLLAPSE_S=${COLLAPSE_S:-230}
+COLLAPSE_S=${COLLAPSE_S:-0}
+PRETRAIN_SETTINGS=${PRETRAIN_SETTINGS:-authors,fp32,bf16,bf16+compile,bf16+compile+graphs}
 BENCH_PRETRAIN_ARGS=${BENCH_PRETRAIN_ARGS:-}
 export OUT REPO DRY_RUN PYTHONUNBUFFERED=1
 
@@ -98,8 +100,8 @@ session() {
     else
         # shellcheck disable=SC2086
         part bench_pretrain "$seconds" python benchmarks/bench_pretrain.py --device cuda --preset smit_small --view 96 \
-            --batch 6 --steps 10 --warmup 3 --budget_s $((seconds - 10)) --json "$OUT/bench_pretrain.json" \
-            $BENCH_PRETRAIN_ARGS
+            --batch 6 --steps 10 --warmup 3 --settings "$PRETRAIN_SETTINGS" --workers 0,4 --child_timeout 200 \
+            --budget_s $((seconds - 10)) --json "$OUT/bench_pretrain.json" $BENCH_PRETRAIN_ARGS
     fi
 
     seconds=$(limit "$NETWORK_S")
@@ -112,7 +114,9 @@ session() {
     fi
 
     seconds=$(limit "$COLLAPSE_S")
-    if [[ $DRY_RUN == 1 ]]; then
+    if ((COLLAPSE_S <= 0)); then
+        stamp "bench_collapse: not asked for (COLLAPSE_S=0)"
+    elif [[ $DRY_RUN == 1 ]]; then
         part bench_collapse "$seconds" python benchmarks/bench_collapse.py --device cpu --preset tiny --view 64 \
             --batch 2 --steps 4 --small_heads --phantoms 4 --samples_per_epoch 4 --log_every 1 --workers 0 --parallel \
             --budget_s $((seconds - 20)) --json "$OUT/bench_collapse.json"
