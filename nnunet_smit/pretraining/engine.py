@@ -52,6 +52,9 @@ CHECKPOINT_NAME = "checkpoint_latest.pt"
 STATE_FORMAT = "nnunet_smit.pretrain_state"
 STATE_VERSION = 1
 
+# Under DDP, steps between the processes' agreements on a stop signal (one all-reduce that waits for the device).
+DDP_AGREE_EVERY = 10
+
 # Fields that may change between a run and its resumption without changing what is trained.
 RUNTIME_FIELDS = frozenset(
     {
@@ -668,8 +671,8 @@ class PretrainTrainer:
                 step_due = bool(config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
                 stop, due = False, False
                 # Under data parallelism the processes agree on stopping and on the clock-based checkpoint with an
-                # all-reduce that waits for the device, so only at steps every process stops at anyway.
-                if not self.dist.distributed or log_due or step_due:
+                # all-reduce that waits for the device: every DDP_AGREE_EVERY steps and where they log or save anyway.
+                if not self.dist.distributed or log_due or step_due or self.step % DDP_AGREE_EVERY == 0:
                     due = (
                         step_due
                         or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
