@@ -30,6 +30,10 @@ Goals, checked in the printout: the engine's default step >= 3x the authors' cro
     python benchmarks/bench_pretrain.py --device cuda --json out.json  # GPU: smit_small, 96^3, batch 6
     python benchmarks/bench_pretrain.py --cache /path/to/cache         # loader on a real cache
 
+``--profile N`` profiles N more steps of each setting after timing them and prints, per setting, the step's wall
+time against the device's busy time (the sum of its kernels' durations), kernel launches and host operations per
+step, and the costliest kernels: whether the host or the device bounds the step.
+
 Without ``--cache`` a phantom corpus is generated and cached in a temporary folder first. ``--budget_s`` bounds the
 whole run: settings are run by priority (authors, fp32, the default, the loader, then the rest) and those that no
 longer fit are reported as skipped; the JSON is rewritten after every subprocess, so a killed run leaves its figures.
@@ -160,6 +164,7 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
                 trainer.train_step(batch)
             sync()
             elapsed = time.perf_counter() - start
+            profile = profile_steps(trainer, batch, args.profile, sync) if args.profile else {}
     memory = (torch.cuda.max_memory_allocated() / 2**20 if cuda
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     steps_per_s = args.steps / elapsed
@@ -167,7 +172,35 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
             "compile": compile_mode, "attention": "math" if authors else "sdpa default",
             "numerics": numerics_flags(), "steps_per_s": steps_per_s, "crops_per_s": steps_per_s * args.batch,
             "views_per_s": steps_per_s * args.batch * 2, "peak_memory_mb": memory, "first_step_s": first_step_s,
-            "warmup_s": warmup_s}
+            "warmup_s": warmup_s, **profile}
+
+
+def profile_steps(trainer: Any, batch: Dict[str, Any], steps: int, sync: Any) -> Dict[str, Any]:
+    """Where a step's time goes: wall time per step against the device's busy time per step (the sum of its
+    kernels' durations) under ``torch.profiler``, the number of kernel launches, and the costliest kernels.
+
+    A device busy for a small share of the step means the host (issuing kernels, Python, synchronisation) bounds the
+    step, not the device's arithmetic or memory.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch)
+        sync()
+        wall_ms = (time.perf_counter() - start) * 1000 / steps
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000 / steps
+    by_name: Dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1000 / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    host_ops = sum(1 for e in prof.events() if e.device_type.name == "CPU" and e.cpu_parent is None)
+    return {"profiled_wall_ms_per_step": wall_ms, "device_busy_ms_per_step": busy_ms if kernels else None,
+            "kernels_per_step": len(kernels) / steps, "host_top_level_ops_per_step": host_ops / steps,
+            "top_kernels_ms_per_step": [[name[:80], round(ms, 3)] for name, ms in top]}
 
 
 def loader_setting(args: argparse.Namespace, workers: int) -> Dict:
@@ -250,6 +283,20 @@ def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict
         print(f"{label:<{width}}{result['steps_per_s']:>9.3f}{result['crops_per_s']:>9.2f}"
               f"{result['peak_memory_mb']:>10.0f}{result['warmup_s']:>11.1f}"
               f"{_ratio(result['crops_per_s'], fp32):>9}{_ratio(result['crops_per_s'], authors):>11}")
+    profiled = {n: r for n, r in train.items() if "profiled_wall_ms_per_step" in r}
+    if profiled:
+        print(f"\n{'where a step goes (torch.profiler)':<{width}}{'wall ms':>9}{'busy ms':>9}{'busy':>7}"
+              f"{'kernels':>9}{'host ops':>10}")
+        for name, result in profiled.items():
+            busy = result["device_busy_ms_per_step"]
+            share = f"{busy / result['profiled_wall_ms_per_step']:.0%}" if busy is not None else "-"
+            print(f"{SETTINGS[name][4]:<{width}}{result['profiled_wall_ms_per_step']:>9.1f}"
+                  f"{busy if busy is not None else float('nan'):>9.1f}{share:>7}{result['kernels_per_step']:>9.0f}"
+                  f"{result['host_top_level_ops_per_step']:>10.0f}")
+            for kernel, ms in result["top_kernels_ms_per_step"][:4]:
+                print(f"    {ms:8.2f} ms  {kernel}")
+        print("busy: the device's kernel time per step against the step's wall time; a low share means the host "
+              "(launches, Python, waits) bounds the step")
     goals: Dict[str, Any] = {}
     default = "bf16" if gpu else "fp32"  # what precision="auto" trains in on this device
     ours = train.get(default, {}).get("crops_per_s")
@@ -300,6 +347,8 @@ def main() -> None:
     parser.add_argument("--child_timeout", type=float, default=None,
                         help="seconds per subprocess before it is killed (default: 240 on GPU, 600 on CPU)")
     parser.add_argument("--budget_s", type=float, default=0.0, help="wall-clock bound of the whole run (0: none)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after timing, profile N more steps per setting: device busy time vs wall time, kernels")
     parser.add_argument("--json", default="")
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -334,7 +383,8 @@ def main() -> None:
         args.cache = ensure_cache(args.cache, args.view, Path(tmp))
         common = ["--device", args.device, "--preset", args.preset, "--view", str(args.view), "--batch",
                   str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache", args.cache,
-                  "--loader_batches", str(args.loader_batches)] + (["--small_heads"] if args.small_heads else [])
+                  "--loader_batches", str(args.loader_batches), "--profile", str(args.profile)] + (
+                     ["--small_heads"] if args.small_heads else [])
         default = "bf16" if gpu else "fp32"
         core = [n for n in ("authors", "fp32", default) if n in names]
         jobs = ([("train", n) for n in dict.fromkeys(core)] + [("loader", w) for w in workers]

@@ -100,7 +100,7 @@ session() {
     else
         # shellcheck disable=SC2086
         part bench_pretrain "$seconds" python benchmarks/bench_pretrain.py --device cuda --preset smit_small --view 96 \
-            --batch 6 --steps 10 --warmup 3 --settings "$PRETRAIN_SETTINGS" --workers 0,4 --child_timeout 200 \
+            --batch 6 --steps 10 --warmup 3 --settings "$PRETRAIN_SETTINGS" --workers 0,4 --child_timeout 200 --profile 2 \
             --budget_s $((seconds - 10)) --json "$OUT/bench_pretrain.json" $BENCH_PRETRAIN_ARGS
     fi
 
