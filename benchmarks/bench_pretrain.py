@@ -290,8 +290,9 @@ def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict
         for name, result in profiled.items():
             busy = result["device_busy_ms_per_step"]
             share = f"{busy / result['profiled_wall_ms_per_step']:.0%}" if busy is not None else "-"
+            busy_text = f"{busy:.1f}" if busy is not None else "-"
             print(f"{SETTINGS[name][4]:<{width}}{result['profiled_wall_ms_per_step']:>9.1f}"
-                  f"{busy if busy is not None else float('nan'):>9.1f}{share:>7}{result['kernels_per_step']:>9.0f}"
+                  f"{busy_text:>9}{share:>7}{result['kernels_per_step']:>9.0f}"
                   f"{result['host_top_level_ops_per_step']:>10.0f}")
             for kernel, ms in result["top_kernels_ms_per_step"][:4]:
                 print(f"    {ms:8.2f} ms  {kernel}")

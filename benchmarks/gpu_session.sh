@@ -95,7 +95,7 @@ session() {
     if [[ $DRY_RUN == 1 ]]; then
         # shellcheck disable=SC2086  # BENCH_PRETRAIN_ARGS is a list of arguments
         part bench_pretrain "$seconds" python benchmarks/bench_pretrain.py --device cpu --steps 1 --warmup 1 \
-            --small_heads --workers 0,2 --loader_batches 4 --budget_s $((seconds - 10)) \
+            --small_heads --workers 0,2 --loader_batches 4 --profile 1 --budget_s $((seconds - 10)) \
             --json "$OUT/bench_pretrain.json" $BENCH_PRETRAIN_ARGS
     else
         # shellcheck disable=SC2086
