@@ -370,6 +370,8 @@ class PretrainTrainer:
                 # norm0..3 never get gradients in pretraining (and stage 3 none without reconstruction).
                 find_unused_parameters=True,
             )
+        self._eager_student_fn = self.student_fn
+        self._compiled = bool(config.compile)
         if config.compile:
             if self.dist.distributed:
                 # Under DDP the wrapped student is compiled (DDP's own graph splitting at its gradient buckets).
@@ -562,17 +564,37 @@ class PretrainTrainer:
             "teacher_temp": self.schedules.teacher_temp(self.step),
         }
 
+    def _forward_backward(self, views: torch.Tensor, masks: torch.Tensor, teacher_temp: float, with_preview: bool):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.model.compute_losses(views, masks, teacher_temp, student=self.student_fn, with_preview=with_preview)
+        self.scaler.scale(out.total).backward()
+        return out
+
+    def _disable_compile(self) -> None:
+        self.model.compiled_losses = None
+        self.student_fn = self._eager_student_fn
+        self._compiled = False
+
     def train_step(self, batch: Dict[str, torch.Tensor], with_preview: bool = False) -> Tuple[Dict[str, Any], Any]:
         """One optimisation step on a collated batch; returns (scalars as tensors, loss output)."""
         values = self._apply_schedules()
         views = batch["views"].to(self.device, non_blocking=True)
         masks = batch["masks"]  # compute_losses reads them on the host and sends them to the device itself
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            out = self.model.compute_losses(
-                views, masks, values["teacher_temp"], student=self.student_fn, with_preview=with_preview
-            )
-        self.scaler.scale(out.total).backward()
+        try:
+            out = self._forward_backward(views, masks, values["teacher_temp"], with_preview)
+        except Exception as error:
+            if not (self._compiled and _is_compile_failure(error)):
+                raise
+            # Compiling failed (no working C++ compiler or Triton, an unsupported operator, ...): compiling happens
+            # before the forward or the backward graph first runs, so at most this step's center update has run
+            # (once more on the same batch when the step is repeated): train on eagerly rather than stop.
+            cause = getattr(error, "inner_exception", None) or error
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+            logger.warning("torch.compile failed (%s: %s); training continues without compiling.",
+                           type(cause).__name__, reason)
+            self._disable_compile()
+            out = self._forward_backward(views, masks, values["teacher_temp"], with_preview)
         epoch = self.step // self.steps_per_epoch
         if epoch < self.config.freeze_last_layer_epochs:
             self.model.cancel_last_layer_gradients()
@@ -811,6 +833,13 @@ class PretrainTrainer:
         if self.dist.distributed:
             dist.barrier()
         return path
+
+
+def _is_compile_failure(error: BaseException) -> bool:
+    """Whether ``error`` is torch.compile's backend failing to compile (not an error of the step itself)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return isinstance(error, BackendCompilerFailed)
 
 
 def _read_records(path: Path) -> List[Dict[str, Any]]:

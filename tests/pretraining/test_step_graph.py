@@ -113,3 +113,32 @@ def test_compiled_losses_match_eager_losses_and_gradients():
 def test_unknown_compile_mode_is_a_one_line_error():
     with pytest.raises(SMITError, match="compile mode must be one of default, reduce-overhead"):
         PretrainConfig(compile=True, compile_mode="fastest")
+
+
+def test_a_failing_compiler_warns_and_the_run_continues_eagerly(tmp_path_factory, tmp_path, caplog):
+    from nnunet_smit.pretraining.engine import PretrainTrainer
+
+    from .training_support import phantom_cache, tiny_config
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    cache = phantom_cache(tmp_path_factory)
+    trainers = {}
+    for name, compile_step in (("eager", False), ("compiled", True)):
+        torch.manual_seed(0)
+        trainers[name] = PretrainTrainer(tiny_config(compile=compile_step), cache, tmp_path / name)
+    compiled = trainers["compiled"]
+    compiled.model.compiled_losses = torch.compile(compiled.model.losses_on_device, backend=broken_backend)
+    batch = torch.utils.data.default_collate([trainers["eager"].dataset.sample(0, 0)])
+    losses = {}
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+        for name, trainer in trainers.items():
+            # Step 1 runs eagerly in both; step 2 is the compiled one's first compiled step.
+            losses[name] = [float(trainer.train_step(batch)[0]["loss"]) for _ in range(3)]
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert warnings == ["torch.compile failed (RuntimeError: no C++ compiler found); training continues without "
+                        "compiling."]
+    assert compiled.model.compiled_losses is None
+    # Compiling failed before anything ran, so the step was repeated exactly: the same losses as eager training.
+    assert losses["compiled"] == losses["eager"]
