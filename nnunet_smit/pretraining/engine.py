@@ -680,8 +680,8 @@ class PretrainTrainer:
                 last = self.step >= self.stop_step
                 log_due = self.step % max(config.log_every_steps, 1) == 0 or last or epoch_end or self.step == 1
                 if log_due:
-                    # Losses are read back from the device only here (and for the progress bar's figure), so the
-                    # host queues the next steps while the device still works on this one.
+                    # Losses are read back from the device only here (the log record, and from it the progress
+                    # bar's figure), so between logged steps the host queues work while the device computes.
                     elapsed = time.perf_counter() - window_start
                     record = self._log_window(window, window_steps, elapsed, data_time, epoch)
                     if progress is not None and "loss" in record:
