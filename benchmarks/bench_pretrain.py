@@ -32,7 +32,8 @@ Goals, checked in the printout: the engine's default step >= 3x the authors' cro
 
 ``--profile N`` profiles N more steps of each setting after timing them and prints, per setting, the step's wall
 time against the device's busy time (the sum of its kernels' durations), kernel launches and host operations per
-step, and the costliest kernels: whether the host or the device bounds the step.
+step, and the costliest kernels: whether the host or the device bounds the step. (Kernels replayed inside a CUDA
+graph may be invisible to the profiler, so the busy time of the CUDA-graphs setting can read low.)
 
 Without ``--cache`` a phantom corpus is generated and cached in a temporary folder first. ``--budget_s`` bounds the
 whole run: settings are run by priority (authors, fp32, the default, the loader, then the rest) and those that no
