@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--freeze_last_layer_epochs", type=int, help="epochs with frozen prototypes (1)")
     parser.add_argument("--momentum_teacher", type=float, help="initial teacher EMA momentum (0.996)")
     parser.add_argument("--teacher_temp_start", type=float, help="teacher temperature at start (0.04)")
-    parser.add_argument("--teacher_temp_end", type=float, help="teacher temperature after warm-up (0.07)")
+    parser.add_argument("--teacher_temp_end", type=float,
+                        help="teacher temperature after warm-up (0.04; the authors' 0.07 lets the teacher go uniform)")
     parser.add_argument("--teacher_temp_warmup_epochs", type=float, help="teacher temperature warm-up (30)")
     parser.add_argument("--student_temp", type=float, help="student temperature (0.1)")
     parser.add_argument("--centering", choices=("sinkhorn_knopp", "center"),

@@ -95,7 +95,8 @@ class PretrainConfig:
     separate_patch_head: bool = True
     student_temp: float = 0.1
     teacher_temp_start: float = 0.04
-    teacher_temp_end: float = 0.07
+    # DINO's default, not SMIT's 0.07: with 0.07 the teacher goes back to uniform once the warm-up ends (README).
+    teacher_temp_end: float = 0.04
     teacher_temp_warmup_epochs: float = 30
     center_momentum: float = 0.9
     centering: str = "center"

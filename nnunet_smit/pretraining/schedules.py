@@ -48,7 +48,7 @@ class PretrainSchedules:
         weight_decay_end: weight decay at the end (equal to ``weight_decay`` for a constant one).
         momentum_start: EMA momentum of the teacher at step 0 (0.996), annealed to 1.
         teacher_temp_start: teacher temperature at step 0 (0.04).
-        teacher_temp_end: teacher temperature after its warm-up (0.07).
+        teacher_temp_end: teacher temperature after its warm-up (0.04 in PretrainConfig; the authors use 0.07).
         teacher_temp_warmup_epochs: epochs of teacher temperature warm-up (30).
     """
 

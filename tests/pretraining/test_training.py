@@ -11,7 +11,7 @@ import torch
 from nnunet_smit.architectures import SMITConfig, SMITNet
 from nnunet_smit.checkpoint import load_encoder_checkpoint, load_encoder_weights
 from nnunet_smit.errors import SMITError
-from nnunet_smit.pretraining.engine import CHECKPOINT_NAME, PretrainTrainer, TrainingInterrupted
+from nnunet_smit.pretraining.engine import CHECKPOINT_NAME, PretrainConfig, PretrainTrainer, TrainingInterrupted
 from nnunet_smit.pretraining.model import teacher_collapse_stats
 from tests.pretraining.training_support import phantom_cache, tiny_config
 
@@ -174,6 +174,17 @@ def test_resume_with_other_settings_is_refused(cache, tmp_path):
         PretrainTrainer(tiny_config(max_steps=2, mask_ratio=0.5), cache, tmp_path).fit()
     with pytest.raises(SMITError, match="centering"):
         PretrainTrainer(tiny_config(max_steps=2, centering="sinkhorn_knopp"), cache, tmp_path).fit()
+
+
+def test_a_run_with_the_authors_teacher_temperature_resumes_only_with_it(cache, tmp_path):
+    # The default changed from the authors' 0.07 to 0.04: such a run is not silently continued at another temperature.
+    assert PretrainConfig().teacher_temp_end == 0.04
+    PretrainTrainer(tiny_config(max_steps=1, teacher_temp_end=0.07), cache, tmp_path).fit()
+    with pytest.raises(SMITError, match="teacher_temp_end: 0.07 -> 0.04"):
+        PretrainTrainer(tiny_config(max_steps=2), cache, tmp_path).fit()
+    resumed = PretrainTrainer(tiny_config(max_steps=2, teacher_temp_end=0.07), cache, tmp_path)
+    resumed.fit()
+    assert resumed.step == 2
 
 
 def test_checkpoint_from_before_a_setting_existed_resumes_with_the_behaviour_it_was_trained_with(cache, tmp_path):
