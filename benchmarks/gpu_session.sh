@@ -2,8 +2,9 @@
 # One GPU session's benchmarks in about 540 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
 # batch 6: authors-equivalent fp32 vs fp32, bf16, bf16 + torch.compile and bf16 + torch.compile with CUDA graphs;
 # loader with 0 and 4 workers), bench_network.py (bf16, 96^3 and 128^3) and, when COLLAPSE_S is set,
-# bench_collapse.py (400 steps of smit_small on phantoms, without KoLeo next to the default, teacher entropy and
-# spread), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
+# bench_collapse.py (400 steps of smit_small on phantoms, the settings of COLLAPSE_SETTINGS side by side: by default
+# the authors' teacher temperature 0.07 next to the default 0.04; teacher entropy, spread and every loss term), then
+# benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
 # left of the session, and one failing part does not stop the next.
 #
 #     OUT=/path/to/folder bash benchmarks/gpu_session.sh     # on the GPU machine, from the repository root
@@ -13,7 +14,8 @@
 # $OUT/bench_collapse.json. gpu_extra.sh runs last with OUT, REPO, PYTHONPATH and EXTRA_LIMIT_S (its seconds)
 # exported.
 # Knobs (seconds): SESSION_S (540, the whole run), PRETRAIN_S (400), NETWORK_S (90), COLLAPSE_S (0: skipped);
-# PRETRAIN_SETTINGS (the bench_pretrain.py settings), BENCH_PRETRAIN_ARGS adds arguments to bench_pretrain.py (e.g.
+# PRETRAIN_SETTINGS (the bench_pretrain.py settings), COLLAPSE_SETTINGS (NAME=smit_pretrain options, separated by
+# ';'), BENCH_PRETRAIN_ARGS adds arguments to bench_pretrain.py (e.g.
 # --no_compile; time a part leaves unused goes to the parts after it).
 set -u
 cd "$(dirname "$0")/.."
@@ -29,6 +31,7 @@ PRETRAIN_S=${PRETRAIN_S:-400}
 NETWORK_S=${NETWORK_S:-$( ((DRY_RUN)) && echo 200 || echo 90)}
 COLLAPSE_S=${COLLAPSE_S:-0}
 PRETRAIN_SETTINGS=${PRETRAIN_SETTINGS:-authors,fp32,bf16,bf16+compile,bf16+compile+graphs}
+COLLAPSE_SETTINGS=${COLLAPSE_SETTINGS:-authors_temp=--teacher_temp_end 0.07;default=}
 BENCH_PRETRAIN_ARGS=${BENCH_PRETRAIN_ARGS:-}
 export OUT REPO DRY_RUN PYTHONUNBUFFERED=1
 
@@ -114,16 +117,21 @@ session() {
     fi
 
     seconds=$(limit "$COLLAPSE_S")
+    local collapse_settings=() setting
+    IFS=';' read -ra settings <<<"$COLLAPSE_SETTINGS"
+    for setting in "${settings[@]}"; do
+        collapse_settings+=(--setting "$setting")
+    done
     if ((COLLAPSE_S <= 0)); then
         stamp "bench_collapse: not asked for (COLLAPSE_S=0)"
     elif [[ $DRY_RUN == 1 ]]; then
         part bench_collapse "$seconds" python benchmarks/bench_collapse.py --device cpu --preset tiny --view 64 \
             --batch 2 --steps 4 --small_heads --phantoms 4 --samples_per_epoch 4 --log_every 1 --workers 0 --parallel \
-            --budget_s $((seconds - 20)) --json "$OUT/bench_collapse.json"
+            "${collapse_settings[@]}" --budget_s $((seconds - 20)) --json "$OUT/bench_collapse.json"
     else
         part bench_collapse "$seconds" python benchmarks/bench_collapse.py --device cuda --preset smit_small --view 96 \
             --batch 6 --steps 400 --phantoms 16 --samples_per_epoch 48 --log_every 10 --workers 4 --parallel \
-            --budget_s $((seconds - 20)) --json "$OUT/bench_collapse.json"
+            "${collapse_settings[@]}" --budget_s $((seconds - 20)) --json "$OUT/bench_collapse.json"
     fi
 
     if [[ -f benchmarks/gpu_extra.sh ]]; then
