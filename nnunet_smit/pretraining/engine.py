@@ -372,7 +372,6 @@ class PretrainTrainer:
                 find_unused_parameters=True,
             )
         self._eager_student_fn = self.student_fn
-        self._compiled = bool(config.compile)
         if config.compile:
             if self.dist.distributed:
                 # Under DDP the wrapped student is compiled (DDP's own graph splitting at its gradient buckets).
@@ -575,7 +574,6 @@ class PretrainTrainer:
     def _disable_compile(self) -> None:
         self.model.compiled_losses = None
         self.student_fn = self._eager_student_fn
-        self._compiled = False
 
     def train_step(self, batch: Dict[str, torch.Tensor], with_preview: bool = False) -> Tuple[Dict[str, Any], Any]:
         """One optimisation step on a collated batch; returns (scalars as tensors, loss output)."""
@@ -585,7 +583,8 @@ class PretrainTrainer:
         try:
             out = self._forward_backward(views, masks, values["teacher_temp"], with_preview)
         except Exception as error:
-            if not (self._compiled and _is_compile_failure(error)):
+            compiled = self.model.compiled_losses is not None or self.student_fn is not self._eager_student_fn
+            if not (compiled and _is_compile_failure(error)):
                 raise
             # Compiling failed (no working C++ compiler or Triton, an unsupported operator, ...): compiling happens
             # before the forward or the backward graph first runs, so at most this step's center update has run

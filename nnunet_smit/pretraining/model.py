@@ -357,23 +357,19 @@ class SMITPretrainModel(nn.Module):
         )
         temperature = torch.full((), float(teacher_temp), dtype=torch.float32, device=device)
 
-        if self.compiled_losses is None or not self.shift_masks_cached:
-            # Eager, also for the first step of a compiled run: it fills the encoders' shift-mask caches, which a
-            # graph traced before would have to be traced again for (a second compilation of the whole step).
-            self.shift_masks_cached = True
-            outputs = self.losses_on_device(
-                student, x, masks, patch_index, token_view, temperature, num_views, update_centers
-            )
-        else:
-            if self.compiled_with_graphs:
-                # CUDA graphs ("reduce-overhead") reuse their output memory at the next replay: a new step begins
-                # here, and what outlives the step (logged terms, teacher probabilities, the preview) is copied.
-                torch.compiler.cudagraph_mark_step_begin()
-            outputs = self.compiled_losses(
-                student, x, masks, patch_index, token_view, temperature, num_views, update_centers
-            )
-            if self.compiled_with_graphs:
-                outputs = {k: v if k == "total" else v.clone() for k, v in outputs.items()}
+        # Eager also for the first step of a compiled run: it fills the encoders' shift-mask caches, which a graph
+        # traced before would have to be traced again for (a second compilation of the whole step).
+        eager = self.compiled_losses is None or not self.shift_masks_cached
+        # CUDA graphs ("reduce-overhead") reuse their output memory at the next replay: a new step begins here, and
+        # what outlives the step (logged terms, teacher probabilities, the preview) is copied.
+        graphs = not eager and self.compiled_with_graphs
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        losses = self.losses_on_device if eager else self.compiled_losses
+        outputs = losses(student, x, masks, patch_index, token_view, temperature, num_views, update_centers)
+        self.shift_masks_cached = True
+        if graphs:
+            outputs = {k: v if k == "total" else v.clone() for k, v in outputs.items()}
         result = LossOutput(
             total=outputs.pop("total"),
             teacher_global_probs=outputs.pop("teacher_global_probs", None),
