@@ -42,7 +42,10 @@ from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.cli import COMPILE_MODES
 from nnunet_smit.pretraining.dino_loss import CENTERING_MODES
-from nnunet_smit.pretraining.model import HeadConfig, ObjectiveWeights, SMITPretrainModel, teacher_collapse_stats
+from nnunet_smit.pretraining.masking import CubeMaskGenerator
+from nnunet_smit.pretraining.model import (
+    TAP_STRIDE, HeadConfig, ObjectiveWeights, SMITPretrainModel, teacher_collapse_stats,
+)
 from nnunet_smit.pretraining.sampler import EpochShardSampler, TwoViewDataset, ViewSampling, VolumeSource, make_worker_init_fn
 from nnunet_smit.pretraining.schedules import PretrainSchedules
 
@@ -147,9 +150,50 @@ class PretrainConfig:
         for name in ("weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo"):
             if not getattr(self, name) >= 0:  # also catches NaN
                 raise SMITError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}.")
+        self._check_ranges()
+        # An unknown preset, a bad encoder override or a mask cube that does not tile the view fails here, before
+        # hours of cache building.
+        try:
+            encoder = self.encoder_config()
+        except TypeError as error:
+            raise SMITError(f"encoder overrides {self.encoder_overrides}: {error}.") from None
+        if self.view_size % encoder.size_divisor:
+            raise SMITError(f"view size must be a multiple of {encoder.size_divisor} voxels for preset "
+                            f"{self.preset!r}, got {self.view_size}.")
+        CubeMaskGenerator(self.mask_cube_size, self.mask_ratio).grid_shape((self.view_size,) * 3)
+        if TAP_STRIDE % self.mask_cube_size and self.mask_cube_size % TAP_STRIDE:
+            raise SMITError(f"mask cube size {self.mask_cube_size} must divide or be a multiple of {TAP_STRIDE} voxels.")
+        if not any(self.objective_weights().enabled().values()):
+            raise SMITError("All pretraining objectives are switched off; give at least one a positive weight.")
+
+    def _check_ranges(self) -> None:
+        """One-line errors for settings outside their meaningful range (NaN included)."""
+        def require(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise SMITError(f"{name} must be {what}, got {getattr(self, name)}.")
+
+        for name in ("base_lr", "student_temp", "teacher_temp_start", "teacher_temp_end"):
+            require(getattr(self, name) > 0, name, "positive")
+        for name in ("min_lr", "weight_decay", "warmup_epochs", "teacher_temp_warmup_epochs", "intensity_jitter",
+                     "checkpoint_every_minutes"):
+            require(getattr(self, name) >= 0, name, "0 or positive")
+        require(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end", "0 or positive")
+        require(self.clip_grad >= 0, "clip_grad", "0 (off) or positive")
+        for name in ("momentum_teacher", "center_momentum", "body_bias"):
+            require(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+        for name in ("head_hidden_dim", "head_bottleneck_dim", "head_out_dim", "head_layers", "region_size",
+                     "log_every_steps"):
+            require(getattr(self, name) >= 1, name, "at least 1")
+        for name in ("num_workers", "checkpoint_every_steps", "preview_every_epochs", "freeze_last_layer_epochs"):
+            require(getattr(self, name) >= 0, name, "0 or more")
+        for name in ("max_steps", "samples_per_epoch"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1, name, "at least 1 (or unset)")
 
     def encoder_config(self) -> SMITConfig:
         return SMITConfig.preset(self.preset, **self.encoder_overrides)
+
+    def objective_weights(self) -> ObjectiveWeights:
+        return ObjectiveWeights(self.weight_dino, self.weight_ibot, self.weight_reconstruction, self.weight_koleo)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -344,9 +388,7 @@ class PretrainTrainer:
 
         self.model = SMITPretrainModel(
             self.encoder_config,
-            weights=ObjectiveWeights(
-                config.weight_dino, config.weight_ibot, config.weight_reconstruction, config.weight_koleo
-            ),
+            weights=config.objective_weights(),
             heads=HeadConfig(config.head_hidden_dim, config.head_bottleneck_dim, config.head_out_dim, config.head_layers),
             mask_cube_size=config.mask_cube_size,
             student_temp=config.student_temp,

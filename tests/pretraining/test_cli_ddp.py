@@ -63,6 +63,30 @@ def test_negative_loss_weight_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and captured.err == "error: weight_koleo must be 0 (off) or positive, got -0.1.\n"
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--preset", "smit_tiny"], "Unknown SMIT preset 'smit_tiny'"),
+    (["--base_lr=-1e-4"], "base_lr must be positive, got -0.0001."),
+    (["--base_lr", "nan"], "base_lr must be positive, got nan."),
+    (["--teacher_temp_end", "0"], "teacher_temp_end must be positive, got 0.0."),
+    (["--momentum_teacher", "1.5"], "momentum_teacher must be in [0, 1], got 1.5."),
+    (["--head_out_dim", "0"], "head_out_dim must be at least 1, got 0."),
+    (["--num_workers", "-1"], "num_workers must be 0 or more, got -1."),
+    (["--max_steps", "0"], "max_steps must be at least 1 (or unset), got 0."),
+    (["--mask_cube_size", "24"], "is not a multiple of the 24-voxel mask cube"),
+    (["--no_dino", "--no_ibot", "--no_reconstruction"], "All pretraining objectives are switched off"),
+])
+def test_bad_setting_is_a_one_line_error_before_any_scan_is_read(tmp_path, capsys, option, message):
+    # The scans are never read (nor the output folder made): a typo costs no cache building.
+    data = tmp_path / "scans"
+    data.mkdir()
+    (data / "broken.nii.gz").write_bytes(b"not a scan")
+    code = main(["-d", str(data), "-o", str(tmp_path / "out"), *TINY_ARGS, *option])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert message in captured.err
+    assert not (tmp_path / "out").exists()
+
+
 def test_folder_without_scans_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no scans here")
