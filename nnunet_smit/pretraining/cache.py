@@ -5,13 +5,16 @@ Per scan (see :func:`preprocess_ct`):
 1. Read with SimpleITK exactly as nnU-Net's default reader (``SimpleITKIO``) does: ``GetArrayFromImage`` gives
    (z, y, x), the spacing is reversed to match and made positive, nothing is reoriented. Pretrained filters
    therefore meet the same anatomy layout as at fine-tuning.
-2. Reject arrays that cannot be CT in HU: no negative value (label maps, unscaled scans).
+2. Reject arrays that cannot be CT in HU: non-finite values (corrupt files), no negative value (label maps,
+   unscaled scans).
 3. Body crop: voxels above -500 HU, largest 26-connected component, its bounding box. nnU-Net's
    ``crop_to_nonzero`` does not apply because CT air is -1000, not 0; the largest component drops the table,
    clothing and cables. The component is found on a view strided to about 4 mm and its box widened by one
    stride, so the full-resolution box never cuts the body.
-4. Resample to ``target_spacing_mm`` with nnU-Net's ``resample_data_or_seg_to_shape`` and its defaults for
-   images (cubic in-plane, nearest along an axis more than 3x coarser, ``compute_new_shape`` for the shape).
+4. Reject a body box larger than any patient (``MAX_BODY_BOX_MM3``: a wrong spacing in the header, which would
+   otherwise be resampled into gigabytes). Resample to ``target_spacing_mm`` with nnU-Net's
+   ``resample_data_or_seg_to_shape`` and its defaults for images (cubic in-plane, nearest along an axis more
+   than 3x coarser, ``compute_new_shape`` for the shape).
 5. Clip to the HU window and scale with ``PretrainPreprocessing.scale_hu``; stored as float16 (0.2 HU steps
    for the default window) in blosc2 ``.b2nd`` files (LZ4HC, chunks/blocks from nnU-Net's
    ``comp_blosc2_params``), read back as float32.
@@ -62,6 +65,9 @@ BODY_THRESHOLD_HU = -500.0
 # The body mask is analysed on a view strided to about this spacing: fast, and precise enough for a box.
 BODY_ANALYSIS_SPACING_MM = 4.0
 STORAGE_DTYPE = np.float16
+# Largest body box a scan may have (2.0 x 0.8 x 0.8 m, about 4x a whole-body scan's box): a larger one comes from a
+# header with a wrong spacing and would be resampled into gigabytes.
+MAX_BODY_BOX_MM3 = 2000.0 * 800.0 * 800.0
 
 # Everything besides PretrainPreprocessing that decides the cached values; a cache built with other
 # settings is refused rather than silently mixed.
@@ -145,6 +151,8 @@ def preprocess_ct(hu: np.ndarray, spacing: Sequence[float],
     from nnunetv2.preprocessing.resampling.default_resampling import (compute_new_shape,
                                                                       resample_data_or_seg_to_shape)
 
+    if hu.size and not np.isfinite(hu).all():
+        raise CaseSkipped("voxels that are not finite numbers (NaN or infinity): a corrupt scan")
     if hu.size == 0 or float(hu.min()) >= 0:
         raise CaseSkipped("no negative value: not a CT in Hounsfield units (a label map or an unscaled scan?)")
     if preprocessing.foreground_crop:
@@ -154,6 +162,11 @@ def preprocess_ct(hu: np.ndarray, spacing: Sequence[float],
     else:
         box = tuple(slice(0, n) for n in hu.shape)
     cropped = hu[box]
+    extent_mm = [n * sp for n, sp in zip(cropped.shape, spacing)]
+    if math.prod(extent_mm) > MAX_BODY_BOX_MM3:
+        raise CaseSkipped(
+            "body box of {} mm, larger than any patient: the spacing in the header ({}) mm is implausible".format(
+                " x ".join(f"{e:.0f}" for e in extent_mm), ", ".join(f"{sp:g}" for sp in spacing)))
     target = preprocessing.target_spacing_mm
     new_shape = np.maximum(compute_new_shape(cropped.shape, spacing, target), 1)
     resampled = resample_data_or_seg_to_shape(cropped[None], new_shape, spacing, target, is_seg=False,

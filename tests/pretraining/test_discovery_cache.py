@@ -336,3 +336,20 @@ def test_cache_folder_inside_a_source_folder_is_not_rescanned(tmp_path):
     build_cache([raw], raw / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
     index = build_cache([raw], raw / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
     assert len(index.case_ids) == 1 and index.skipped == []
+
+
+def test_corrupt_values_and_implausible_spacing_are_skipped_with_their_reason(tmp_path):
+    raw = tmp_path / "raw"
+    write_image(raw / "ct.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    with_nan = body_volume((20, 40, 40), dtype=np.float32)
+    with_nan[10, 20, 20] = np.nan  # one voxel would make every loss of a batch holding it NaN
+    write_image(raw / "nan.mha", with_nan, (2.0, 1.0, 1.0))  # (SimpleITK's NIfTI reader turns NaN into 0)
+    # 40 mm voxels: a 2 m body box on every axis, which 2 mm resampling would turn into 10^9 voxels
+    write_image(raw / "coarse.nii.gz", body_volume((54, 54, 54)), (40.0, 40.0, 40.0))
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    assert [index.case(c)["source"] for c in index.case_ids] == [str(raw / "ct.nii.gz")]
+    reasons = {Path(path).name: reason for path, reason in index.skipped}
+    assert reasons["nan.mha"] == "voxels that are not finite numbers (NaN or infinity): a corrupt scan"
+    assert reasons["coarse.nii.gz"] == ("body box of 2000 x 2000 x 2000 mm, larger than any patient: the spacing in "
+                                        "the header (40, 40, 40) mm is implausible")
+    assert not list((tmp_path / "cache" / "cases").glob("coarse*.b2nd"))
