@@ -46,7 +46,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -278,7 +278,8 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
             cache folder was started with.
         min_shape: (z, y, x) voxels; smaller scans after preprocessing are skipped (usually the patch size).
         num_workers: parallel worker processes (fork server or spawn, never a fork of this process);
-            1 runs in this process.
+            1 runs in this process. A scan that kills its worker (out of memory) is reported as skipped and
+            tried again by the next build; the others are cached.
         progress: show a progress bar.
 
     Returns:
@@ -365,33 +366,89 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, min_shape: Tuple[int, int, int],
-         num_workers: int, progress: bool) -> Dict[str, Dict[str, Any]]:
+         num_workers: int, progress: bool, process: Optional[Callable[..., Dict[str, Any]]] = None,
+         ) -> Dict[str, Dict[str, Any]]:
+    """Preprocess ``todo``; returns {case id: record}.
+
+    A worker process that dies (killed for memory, say) takes its pool down. The scans that were being processed
+    at that moment are then retried one at a time, each in a process of its own, and the scans not yet started go
+    to a new pool: a scan that kills even a process to itself is reported (status "error", no record file, so a
+    later build tries it again) and every other scan is still cached.
+    """
     from tqdm.auto import tqdm
 
     results: Dict[str, Dict[str, Any]] = {}
     if not todo:
         return results
-    preprocessing_dict = preprocessing.to_dict()
+    process = process or _process_source
+    args = (str(cases), preprocessing.to_dict(), min_shape)
     bar = tqdm(total=len(todo), desc="caching CT scans", unit="scan", disable=not progress)
-    if num_workers <= 1 or len(todo) == 1:
+    if num_workers <= 1:  # in this process (a scan that exhausts the memory takes it down)
         for source in todo:
-            results[source.id] = _process_source(source, str(cases), preprocessing_dict, min_shape, 4)
+            results[source.id] = process(source, *args, 4)
             bar.update()
-    else:
-        workers = min(num_workers, len(todo))
-        nthreads = max(1, min(4, (os.cpu_count() or 1) // workers))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
-            futures = {pool.submit(_process_source, source, str(cases), preprocessing_dict, min_shape, nthreads):
-                       source for source in todo}
-            for future in as_completed(futures):
-                try:
-                    results[futures[future].id] = future.result()
-                except BrokenProcessPool:
-                    raise SMITError(f"A cache worker died while preprocessing {futures[future].location} (out of "
-                                    f"memory?); rerun with fewer workers, finished cases are kept.") from None
-                bar.update()
+        bar.close()
+        return results
+    workers = min(num_workers, len(todo))
+    nthreads = max(1, min(4, (os.cpu_count() or 1) // workers))
+    pending, suspects = list(todo), []
+    while pending:
+        unfinished = _run_pool(pending, workers, nthreads, process, args, results, bar)
+        running = [source for source in unfinished if _running_marker(cases, source).exists()]
+        for source in running:
+            _running_marker(cases, source).unlink()
+        if unfinished:
+            logger.warning("a cache worker died (out of memory?) while %d of the %d unfinished scans were being "
+                           "preprocessed; those are retried one at a time", len(running), len(unfinished))
+        # A pool that broke before any scan started (no marker) makes no progress: its scans are retried alone too.
+        pending = [source for source in unfinished if source not in running] if running else []
+        suspects += running if running else unfinished
+    for source in suspects:
+        if _run_pool([source], 1, 4, process, args, results, bar):
+            _running_marker(cases, source).unlink(missing_ok=True)
+            results[source.id] = {
+                "id": source.id, "kind": source.kind, "source": source.location, "series_uid": source.series_uid,
+                "num_files": len(source.paths), "status": "error",
+                "reason": "the process preprocessing it died, even alone (out of memory?)",
+            }
+            bar.update()
+    if suspects:  # no worker runs now: remove what the dead ones were writing
+        for leftover in cases.glob(f"{_TMP_PREFIX}*"):
+            leftover.unlink(missing_ok=True)
     bar.close()
     return results
+
+
+def _running_marker(cases: PathLike, source: Source) -> Path:
+    """Present while a worker preprocesses ``source`` (a temporary name: a new build removes leftovers)."""
+    return Path(cases) / f"{_TMP_PREFIX}running-{source.id}"
+
+
+def _tracked(process: Callable[..., Dict[str, Any]], source: Source, cases_dir: str, *args: Any) -> Dict[str, Any]:
+    """``process`` with the source's running marker around it (runs in the worker)."""
+    marker = _running_marker(cases_dir, source)
+    marker.touch()
+    try:
+        return process(source, cases_dir, *args)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _run_pool(sources: List[Source], workers: int, nthreads: int, process: Callable[..., Dict[str, Any]],
+              args: tuple, results: Dict[str, Dict[str, Any]], bar: Any) -> List[Source]:
+    """Run ``process`` over ``sources`` in a pool of ``workers`` processes, adding to ``results``; returns the
+    sources left unfinished because a worker died."""
+    unfinished: List[Source] = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+        futures = {pool.submit(_tracked, process, source, *args, nthreads): source for source in sources}
+        for future in as_completed(futures):
+            try:
+                results[futures[future].id] = future.result()
+            except BrokenProcessPool:
+                unfinished.append(futures[future])
+                continue
+            bar.update()
+    return unfinished
 
 
 # ---------------------------------------------------------------------------------------------- index

@@ -353,3 +353,22 @@ def test_corrupt_values_and_implausible_spacing_are_skipped_with_their_reason(tm
     assert reasons["coarse.nii.gz"] == ("body box of 2000 x 2000 x 2000 mm, larger than any patient: the spacing in "
                                         "the header (40, 40, 40) mm is implausible")
     assert not list((tmp_path / "cache" / "cases").glob("coarse*.b2nd"))
+
+
+def test_a_scan_that_kills_its_worker_is_reported_and_the_others_are_cached(tmp_path, monkeypatch):
+    from tests.pretraining.cache_crash_support import die_on_scans_named_killer
+
+    raw = tmp_path / "raw"
+    for i in range(5):
+        write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
+    write_image(raw / "killer.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    monkeypatch.setattr(cache_module, "_process_source", die_on_scans_named_killer)
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
+    assert sorted(Path(index.case(c)["source"]).name for c in index.case_ids) == [f"ct_{i}.nii.gz" for i in range(5)]
+    assert index.skipped == [(str(raw / "killer.nii.gz"),
+                              "the process preprocessing it died, even alone (out of memory?)")]
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))
+    # No record for it: the next build tries it again (and here reports it again), recomputing nothing else.
+    monkeypatch.setattr(cache_module, "_process_source", die_on_scans_named_killer)
+    again = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
+    assert again.case_ids == index.case_ids and again.skipped == index.skipped
