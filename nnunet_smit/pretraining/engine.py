@@ -307,6 +307,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint_path = checkpoint_path
 
 
+class TrainingDiverged(SMITError):
+    """The weights stopped being finite numbers; the last checkpoint written before is kept."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -351,6 +355,7 @@ class PretrainTrainer:
         self.plot_dir = self.output_dir / "plots"
         self._stop_signal: Optional[str] = None
         self._last_checkpoint_time = time.monotonic()
+        self._last_saved_step: Optional[int] = None  # the step checkpoint_latest.pt holds
 
         if config.deterministic and self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -490,13 +495,45 @@ class PretrainTrainer:
             "manifest": self.manifest,
         }
 
+    def weights_finite(self) -> bool:
+        """Whether every weight of student, teacher and heads is a finite number (one read-back from the device).
+
+        A NaN or infinite loss makes the next optimizer step write NaN into the weights (with fp16, the gradient
+        scaler skips such steps instead, and the weights stay finite).
+        """
+        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def check_diverged(self, last_losses: Optional[Dict[str, Any]] = None) -> None:
+        """Raise :class:`TrainingDiverged` when the weights are no longer finite, saying what is kept."""
+        if self.weights_finite():
+            return
+        saved = (f"{self.checkpoint_path} still holds step {self._last_saved_step}, the last state saved before"
+                 if self._last_saved_step is not None else "no checkpoint was saved before it")
+        losses = ""
+        if last_losses:
+            losses = " (last logged losses: " + ", ".join(
+                f"{k} {last_losses[k]:.4g}" for k in ("loss", "dino", "ibot", "reconstruction", "koleo")
+                if isinstance(last_losses.get(k), float)) + ")"
+        if self.dist.is_main:
+            self._log({"event": "diverged", "step": self.step, "last_saved_step": self._last_saved_step})
+        raise TrainingDiverged(
+            f"pretraining diverged: the weights are not finite numbers any more at step {self.step}{losses}; {saved}. "
+            "Rerun the same command to retry from there, or use a new output folder with a lower --base_lr."
+        )
+
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint_latest.pt`` (rank 0; all ranks must call this under DDP for the RNG gather)."""
+        """Write ``checkpoint_latest.pt`` (rank 0; all ranks must call this under DDP for the RNG gather).
+
+        Never over a good state with a diverged one: :class:`TrainingDiverged` is raised instead.
+        """
+        self.check_diverged()
         state = self.state_dict()
         if self.dist.is_main:
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
             logger.info("saved %s at step %d", self.checkpoint_path, self.step)
         self._last_checkpoint_time = time.monotonic()
+        self._last_saved_step = self.step
 
     def load_checkpoint(self) -> bool:
         """Resume from ``checkpoint_latest.pt`` if present; raises SMITError if it belongs to another run."""
@@ -530,6 +567,7 @@ class PretrainTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self._last_saved_step = self.step
         rngs = state["rng_per_rank"]
         restore_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0], self.device)
         logger.info("resumed from %s at step %d (epoch %d)", self.checkpoint_path, self.step, state["epoch"])
@@ -729,6 +767,8 @@ class PretrainTrainer:
                     if progress is not None and "loss" in record:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                     window, window_steps, data_time = {}, 0, 0.0
+                    # The log has read the device back already: stop a diverged run here, not at the next save.
+                    self.check_diverged(record)
                     window_start = time.perf_counter()
                 if (epoch_end or last) and self.dist.is_main:
                     self._epoch_outputs(epoch, out.preview)
@@ -827,6 +867,7 @@ class PretrainTrainer:
     # ----------------------------------------------------------------------------------------------------------
     def export(self) -> Path:
         """Write the teacher's (or student's) encoder with full metadata; returns its path on every rank."""
+        self.check_diverged()
         which = self.config.export
         side = self.model.teacher if which == "teacher" and self.model.teacher is not None else self.model.student
         if which == "teacher" and self.model.teacher is None:

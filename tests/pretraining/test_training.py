@@ -11,7 +11,9 @@ import torch
 from nnunet_smit.architectures import SMITConfig, SMITNet
 from nnunet_smit.checkpoint import load_encoder_checkpoint, load_encoder_weights
 from nnunet_smit.errors import SMITError
-from nnunet_smit.pretraining.engine import CHECKPOINT_NAME, PretrainConfig, PretrainTrainer, TrainingInterrupted
+from nnunet_smit.pretraining.engine import (
+    CHECKPOINT_NAME, PretrainConfig, PretrainTrainer, TrainingDiverged, TrainingInterrupted,
+)
 from nnunet_smit.pretraining.model import teacher_collapse_stats
 from tests.pretraining.training_support import phantom_cache, tiny_config
 
@@ -166,6 +168,36 @@ def test_resume_reaches_the_same_weights(cache, uninterrupted, tmp_path, monkeyp
     for group, ref_group in zip(resumed.optimizer.state_dict()["state"].values(),
                                 reference.optimizer.state_dict()["state"].values()):
         assert torch.equal(group["exp_avg"], ref_group["exp_avg"])
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path, monkeypatch):
+    # A NaN voxel reaching step 4 makes its loss NaN and the update writes NaN into the weights.
+    trainer = PretrainTrainer(tiny_config(max_steps=8, checkpoint_every_steps=2), cache, tmp_path)
+    original_step = trainer.train_step
+
+    def nan_at_step_four(batch, *args, **kwargs):
+        if trainer.step == 3:
+            batch = {**batch, "views": batch["views"].clone()}
+            batch["views"][0, 0, 0, 10, 10, 10] = float("nan")
+        return original_step(batch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", nan_at_step_four)
+    with pytest.raises(TrainingDiverged) as diverged:
+        trainer.fit()
+    message = str(diverged.value)
+    assert message.startswith("pretraining diverged: the weights are not finite numbers any more at step 4")
+    assert "loss nan" in message and f"{tmp_path / CHECKPOINT_NAME} still holds step 2" in message
+    assert "\n" not in message
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    assert saved["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert not list(tmp_path.glob("smit_encoder_*.pt"))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "diverged" and records[-1]["last_saved_step"] == 2
+    # Rerunning resumes from the good state (and, with clean data, trains on).
+    rerun = PretrainTrainer(tiny_config(max_steps=8, checkpoint_every_steps=2), cache, tmp_path)
+    rerun.fit()
+    assert rerun.step == 8 and rerun.weights_finite()
 
 
 def test_resume_with_other_settings_is_refused(cache, tmp_path):
