@@ -530,7 +530,15 @@ class PretrainTrainer:
         self.check_diverged()
         state = self.state_dict()
         if self.dist.is_main:
-            atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+            try:
+                atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+            except OSError as error:  # a full disk, a lost mount: the previous file is untouched
+                kept = (f"the one of step {self._last_saved_step} is kept" if self._last_saved_step is not None
+                        else "none was written before")
+                raise SMITError(
+                    f"could not write {self.checkpoint_path} at step {self.step} ({error.strerror or error}); {kept}. "
+                    "Free space and rerun the same command to resume."
+                ) from None
             logger.info("saved %s at step %d", self.checkpoint_path, self.step)
         self._last_checkpoint_time = time.monotonic()
         self._last_saved_step = self.step
@@ -900,11 +908,20 @@ class PretrainTrainer:
                 "weights_checksums_per_rank": ranks_checksums,
             }
             state_dict = {k: v.detach().cpu() for k, v in side.encoder.state_dict().items()}
-            save_encoder_checkpoint(
-                path, state_dict, self.encoder_config, self.preprocessing,
-                patch_size=(self.config.view_size,) * 3, summary=_json_plain(summary),
-            )
-            (self.output_dir / "run_summary.json").write_text(json.dumps(_json_plain(summary), indent=2))
+            try:
+                save_encoder_checkpoint(
+                    path, state_dict, self.encoder_config, self.preprocessing,
+                    patch_size=(self.config.view_size,) * 3, summary=_json_plain(summary),
+                )
+                atomic_write(self.output_dir / "run_summary.json",
+                             lambda tmp: Path(tmp).write_text(json.dumps(_json_plain(summary), indent=2)))
+            except OSError as error:
+                saved = (f"the training state of step {self._last_saved_step} is in {self.checkpoint_path}"
+                         if self._last_saved_step is not None else "no training state was saved")
+                raise SMITError(
+                    f"could not write {path} ({error.strerror or error}); {saved}. Free space and rerun the same "
+                    "command to export."
+                ) from None
             self._log({"event": "export", "step": self.step, "path": str(path)})
             plot_dir_outputs = self.plot_dir / "loss_curves.png"
             try:

@@ -200,6 +200,47 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path
     assert rerun.step == 8 and rerun.weights_finite()
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_last_one(cache, tmp_path,
+                                                                                           monkeypatch):
+    import errno
+
+    from nnunet_smit.pretraining import engine
+
+    trainer = PretrainTrainer(tiny_config(max_steps=6, checkpoint_every_steps=2), cache, tmp_path)
+    save = torch.save
+
+    def disk_full_after_step_two(obj, path, *args, **kwargs):
+        if trainer.step > 2:
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(engine.torch, "save", disk_full_after_step_two)
+    with pytest.raises(SMITError) as failed:
+        trainer.fit()
+    assert str(failed.value) == (
+        f"could not write {tmp_path / CHECKPOINT_NAME} at step 4 (No space left on device); the one of step 2 is "
+        "kept. Free space and rerun the same command to resume.")
+    monkeypatch.setattr(engine.torch, "save", save)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # The export at the end of a run: the state is saved first, and a rerun exports from it.
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_encoder_checkpoint", no_space)
+    with pytest.raises(SMITError) as failed:
+        PretrainTrainer(tiny_config(max_steps=3, checkpoint_every_steps=2), cache, tmp_path).fit()
+    assert str(failed.value) == (
+        f"could not write {tmp_path / 'smit_encoder_teacher.pt'} (No space left on device); the training state of "
+        f"step 3 is in {tmp_path / CHECKPOINT_NAME}. Free space and rerun the same command to export.")
+    monkeypatch.undo()
+    exported = PretrainTrainer(tiny_config(max_steps=3, checkpoint_every_steps=2), cache, tmp_path).fit()
+    assert exported.is_file()
+
+
 def test_resume_with_other_settings_is_refused(cache, tmp_path):
     PretrainTrainer(tiny_config(max_steps=1), cache, tmp_path).fit()
     with pytest.raises(SMITError, match="other settings"):
