@@ -82,8 +82,11 @@ def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[in
     Args:
         array: (D, H, W).
     Returns:
-        float32 (size[0], size[1], size[2]).
+        float32 (size[0], size[1], size[2]); a view of ``array`` when the box lies inside a float32 array (never
+        write into it).
     """
+    if all(0 <= s_ and s_ + n <= e for s_, n, e in zip(start, size, array.shape)) and array.dtype == np.float32:
+        return array[tuple(slice(s_, s_ + n) for s_, n in zip(start, size))]  # inside: no padding, no copy
     out = np.full(tuple(size), pad_value, dtype=np.float32)
     src, dst = [], []
     for axis in range(3):
@@ -173,9 +176,10 @@ class TwoViewDataset(Dataset):
         """Draw the views and masks of one sample, deterministically from ``(seed, sample_key)``."""
         rng = np.random.default_rng([self.seed, int(sample_key)])
         region = self.sample_region(self.source.case_ids[case_index], rng)
-        views = []
+        # The views are written straight into the batch item's memory (one copy per view).
+        views = torch.empty((self.sampling.num_views, 1, *self.sampling.view_size), dtype=torch.float32)
         lo, hi = self.value_range
-        for _ in range(self.sampling.num_views):
+        for index in range(self.sampling.num_views):
             offset = [int(rng.integers(0, r - v + 1)) for r, v in zip(self.sampling.region_size, self.sampling.view_size)]
             view = region[tuple(slice(o, o + v) for o, v in zip(offset, self.sampling.view_size))]
             if self.sampling.flips:
@@ -186,11 +190,11 @@ class TwoViewDataset(Dataset):
                 j = self.sampling.intensity_jitter
                 view = view * (1.0 + rng.uniform(-j, j)) + rng.uniform(-j, j) * (hi - lo)
                 view = np.clip(view, lo, hi)
-            views.append(np.ascontiguousarray(view, dtype=np.float32))
+            views[index, 0].numpy()[...] = view
         mask_generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         masks = self.masking(self.sampling.num_views, self.sampling.view_size, generator=mask_generator)
         return {
-            "views": torch.from_numpy(np.stack(views))[:, None],
+            "views": views,
             "masks": masks,
             "case_index": int(case_index),
         }
