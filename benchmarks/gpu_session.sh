@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's benchmarks in about 540 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
 # batch 6: authors-equivalent fp32 vs fp32, bf16, bf16 + torch.compile and bf16 + torch.compile with CUDA graphs;
-# loader with 0 and 4 workers), bench_network.py (bf16, 96^3 and 128^3) and, when COLLAPSE_S is set,
+# loader with 0, 4 and 8 workers), bench_network.py (bf16, 96^3 and 128^3) and, when COLLAPSE_S is set,
 # bench_collapse.py (400 steps of smit_small on phantoms, the settings of COLLAPSE_SETTINGS side by side: by default
 # the authors' teacher temperature 0.07 next to the default 0.04; teacher entropy, spread and every loss term), then
 # benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
@@ -103,7 +103,7 @@ session() {
     else
         # shellcheck disable=SC2086
         part bench_pretrain "$seconds" python benchmarks/bench_pretrain.py --device cuda --preset smit_small --view 96 \
-            --batch 6 --steps 10 --warmup 3 --settings "$PRETRAIN_SETTINGS" --workers 0,4 --child_timeout 200 --profile 2 \
+            --batch 6 --steps 10 --warmup 3 --settings "$PRETRAIN_SETTINGS" --workers 0,4,8 --child_timeout 200 --profile 2 \
             --budget_s $((seconds - 10)) --json "$OUT/bench_pretrain.json" $BENCH_PRETRAIN_ARGS
     fi
 

@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile_mode", choices=COMPILE_MODES,
                         help="torch.compile mode (default); implies --compile")
     parser.add_argument("--device", help="auto (default), cpu, cuda")
-    parser.add_argument("--num_workers", type=int, help="data-loader processes per GPU (4)")
+    parser.add_argument("--num_workers", type=int,
+                        help="data-loader processes per GPU (default: this process's share of the CPU cores less one, "
+                             "at most 8; 1 on CPU)")
     parser.add_argument("--seed", type=int, help="random seed (0)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (on CPU an interrupted and resumed run matches an uninterrupted one)")

@@ -303,3 +303,19 @@ def test_export_loads_into_the_fine_tuning_network_with_no_missing_keys(uninterr
     teacher = trainer.model.teacher.encoder.state_dict()
     for key, value in network.encoder.state_dict().items():
         assert torch.equal(value, teacher[key]), key
+
+
+def test_automatic_loader_workers_follow_the_cores_of_each_process(monkeypatch):
+    import os
+
+    from nnunet_smit.pretraining.engine import auto_loader_workers
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for cores, local_world, expected in ((16, 1, 8), (96, 8, 8), (32, 8, 3), (4, 4, 1), (1, 1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        assert auto_loader_workers(cuda) == expected, (cores, local_world)
+    assert auto_loader_workers(cpu) == 0  # one core left: the training uses it
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert auto_loader_workers(cpu) == 1
+    assert PretrainConfig().num_workers is None
