@@ -55,6 +55,10 @@ CHECKPOINT_NAME = "checkpoint_latest.pt"
 STATE_FORMAT = "nnunet_smit.pretrain_state"
 STATE_VERSION = 1
 
+# A loader worker that delivers no batch for this long is taken for hung (a stalled network filesystem, say): the run
+# stops with an error instead of waiting for days.
+LOADER_TIMEOUT_S = 1800.0
+
 # Under DDP, steps between the processes' agreements on a stop signal (one all-reduce that waits for the device).
 DDP_AGREE_EVERY = 10
 
@@ -658,6 +662,7 @@ class PretrainTrainer:
             drop_last=True,
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
+            timeout=LOADER_TIMEOUT_S if workers > 0 else 0,
         )
 
     def _apply_schedules(self) -> Dict[str, float]:
@@ -747,11 +752,34 @@ class PretrainTrainer:
         try:
             if self.config.deterministic:
                 torch.use_deterministic_algorithms(True)
-            self._train_loop()
+            try:
+                self._train_loop()
+            except (RuntimeError, SMITError) as error:
+                self._raise_loader_failure(error)
+                raise
         finally:
             torch.use_deterministic_algorithms(deterministic_before)
             self._restore_signal_handlers(previous)
         return self.export()
+
+    def _raise_loader_failure(self, error: BaseException) -> None:
+        """A data-loader failure as a one-line :class:`SMITError` saying which state is kept; other errors return.
+
+        A worker killed (out of memory, say) or silent for ``LOADER_TIMEOUT_S`` makes torch raise in the main
+        process wherever it is, possibly inside a step: nothing is saved from that state.
+        """
+        text = str(error).strip()
+        if isinstance(error, SMITError) and text.startswith("Caught "):  # raised in a worker, re-raised by torch
+            last = text.splitlines()[-1]
+            raise SMITError(last.split(": ", 1)[1] if last.startswith("nnunet_smit.") else last) from None
+        if not isinstance(error, RuntimeError) or not text.startswith(("DataLoader worker", "DataLoader timed out")):
+            return
+        kept = (f"{self.checkpoint_path} holds step {self._last_saved_step}" if self._last_saved_step is not None
+                else "no state was saved yet")
+        raise SMITError(
+            f"the data loader failed near step {self.step} ({text.splitlines()[0].rstrip('. ')}; out of memory?); "
+            f"{kept}. Rerun the same command to resume, with a smaller --num_workers if memory is short."
+        ) from None
 
     def _train_loop(self) -> None:
         config = self.config

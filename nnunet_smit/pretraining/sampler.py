@@ -8,9 +8,14 @@ All randomness of a sample is drawn from a generator seeded by ``(seed, sample k
 sample's global position in the run (epoch x samples per epoch + position). Samples are therefore identical
 whatever the number of workers or processes, and a resumed run draws exactly the samples the interrupted one would
 have drawn. :class:`EpochShardSampler` shards positions over processes like ``DistributedSampler``.
+
+A cached scan that cannot be read any more (a damaged file, a lost disk block) does not stop a run of days: its
+samples come from the next readable scan, with the same random draws, and a warning names it once per process.
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
 import signal
 from dataclasses import dataclass
@@ -23,6 +28,8 @@ from torch.utils.data import Dataset, Sampler
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.masking import CubeMaskGenerator
+
+logger = logging.getLogger(__name__)
 
 Size3 = Tuple[int, int, int]
 
@@ -125,6 +132,7 @@ class TwoViewDataset(Dataset):
         self.masking.grid_shape(sampling.view_size)  # fail early on a view the cube does not divide
         # CacheIndex reads a box without decompressing the whole scan.
         self._region_reads = hasattr(source, "shape") and _accepts_region(source)
+        self._unreadable: set = set()  # scans this process found unreadable (reported once each)
 
     def __len__(self) -> int:
         return len(self.source.case_ids)
@@ -172,10 +180,26 @@ class TwoViewDataset(Dataset):
                 break
         return best
 
+    def _readable_region(self, case_index: int, sample_key: int) -> Tuple[np.ndarray, np.random.Generator]:
+        """The sample's region and its generator, from the scan ``case_index`` or, if that one cannot be read,
+        the next one that can (the generator restarted, so the draws do not depend on the failure)."""
+        cases = self.source.case_ids
+        for shift in range(len(cases)):
+            case_id = cases[(case_index + shift) % len(cases)]
+            rng = np.random.default_rng([self.seed, int(sample_key)])
+            try:
+                return self.sample_region(case_id, rng), rng
+            except Exception as error:  # noqa: BLE001 - any read failure of one scan: report it, use another
+                if case_id not in self._unreadable:
+                    self._unreadable.add(case_id)
+                    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                    logger.warning("cached scan %s cannot be read (%s: %s); its samples come from the next scan.",
+                                   case_id, type(error).__name__, reason)
+        raise SMITError("no cached scan can be read any more; rebuild the cache.")
+
     def sample(self, case_index: int, sample_key: int) -> Dict[str, Any]:
         """Draw the views and masks of one sample, deterministically from ``(seed, sample_key)``."""
-        rng = np.random.default_rng([self.seed, int(sample_key)])
-        region = self.sample_region(self.source.case_ids[case_index], rng)
+        region, rng = self._readable_region(case_index, sample_key)
         # The views are written straight into the batch item's memory (one copy per view).
         views = torch.empty((self.sampling.num_views, 1, *self.sampling.view_size), dtype=torch.float32)
         lo, hi = self.value_range
@@ -276,8 +300,19 @@ def make_worker_init_fn(seed: int, rank: int):
     """
 
     def init(worker_id: int) -> None:
-        # Ctrl-C reaches the whole process group: the main process saves and stops, workers must not die first.
+        # Ctrl-C, and the SIGTERM of a scheduler's pre-emption, reach the whole process group: the main process
+        # finishes its step, saves and stops, so workers must not die first (a dead worker makes the main process
+        # raise wherever it is). torch's own SIGTERM handler in workers exits on any SIGTERM; this one ignores the
+        # first, and exits at a second (torch terminating a worker that did not stop) or once the parent is gone.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        parent, received = os.getppid(), []
+
+        def on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+            received.append(signum)
+            if len(received) > 1 or os.getppid() != parent:
+                os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         worker_seed = int(np.random.SeedSequence([seed, rank, worker_id]).generate_state(1)[0])
         random.seed(worker_seed)
         np.random.seed(worker_seed)

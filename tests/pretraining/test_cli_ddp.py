@@ -115,3 +115,33 @@ def test_two_process_ddp_run_agrees_on_the_weights(tmp_path_factory, tmp_path):
     # Rank 0 alone wrote the log; the world size reached the log records.
     starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in starts if r["event"] == "start"] == [2]
+
+
+def test_sigterm_to_the_whole_process_group_saves_and_stops_cleanly(tmp_path_factory, tmp_path):
+    # What a scheduler's pre-emption does: SIGTERM to every process of the job, loader workers included.
+    import signal
+    import time
+
+    data, cache = phantom_dirs(tmp_path_factory)
+    out = tmp_path / "preempted"
+    args = [arg if arg != "0" or prev != "--num_workers" else "2" for prev, arg in zip([""] + TINY_ARGS, TINY_ARGS)]
+    command = [sys.executable, "-m", "nnunet_smit.pretraining.cli", "-d", str(data), "-o", str(out),
+               "--cache_dir", str(cache), "--max_steps", "500", "--log_every_steps", "1", *args]
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and sum('"event": "train"' in line for line in log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("pretraining interrupted (SIGTERM) at step ") and "Traceback" not in stderr
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=True)["step"] == step
+    with pytest.raises(ProcessLookupError):  # no loader worker left behind
+        os.killpg(process.pid, 0)

@@ -319,3 +319,63 @@ def test_automatic_loader_workers_follow_the_cores_of_each_process(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert auto_loader_workers(cpu) == 1
     assert PretrainConfig().num_workers is None
+
+
+def test_a_killed_loader_worker_is_a_one_line_error_that_names_the_kept_state(cache, tmp_path):
+    import os
+
+    trainer = PretrainTrainer(tiny_config(max_steps=8, num_workers=1, checkpoint_every_steps=2), cache, tmp_path)
+    sample = trainer.dataset.sample
+
+    def killed_once_a_state_is_saved(case_index, sample_key):
+        if (tmp_path / CHECKPOINT_NAME).exists():  # as the kernel's out-of-memory killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+        return sample(case_index, sample_key)
+
+    trainer.dataset.sample = killed_once_a_state_is_saved  # the forked worker inherits it
+    with pytest.raises(SMITError) as failed:
+        trainer.fit()
+    message = str(failed.value)
+    assert message.startswith("the data loader failed near step ") and "killed by signal: Killed" in message
+    assert f"{tmp_path / CHECKPOINT_NAME} holds step " in message and "\n" not in message
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["step"]
+    assert f"holds step {saved}" in message
+
+
+def test_unreadable_cached_scans_are_replaced_and_reported_once(cache, caplog):
+    from nnunet_smit.pretraining.sampler import TwoViewDataset, ViewSampling
+
+    dataset = TwoViewDataset(cache, ViewSampling((64,) * 3, (80,) * 3))
+    expected = dataset.sample(1, 7)
+    load = cache.load
+
+    def first_scan_damaged(case_id, region=None):
+        if case_id == cache.case_ids[0]:
+            raise RuntimeError("blosc2 decompression error: chunk 3")
+        return load(case_id, region)
+
+    dataset.source = type("Damaged", (), {"case_ids": cache.case_ids, "shape": cache.shape,
+                                          "load": staticmethod(first_scan_damaged),
+                                          "preprocessing": cache.preprocessing})()
+    with caplog.at_level("WARNING"):
+        replaced = [dataset.sample(0, 7), dataset.sample(0, 7)]
+    # the same draws from the next scan, as if the sample had been drawn from it
+    for item in replaced:
+        assert torch.equal(item["views"], expected["views"]) and torch.equal(item["masks"], expected["masks"])
+    warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert warnings == [f"cached scan {cache.case_ids[0]} cannot be read (RuntimeError: blosc2 decompression error: "
+                        "chunk 3); its samples come from the next scan."]
+
+
+def test_no_readable_scan_left_is_a_one_line_error_from_the_workers(cache, tmp_path):
+    trainer = PretrainTrainer(tiny_config(max_steps=2, num_workers=1), cache, tmp_path)
+
+    def unreadable(case_id, region=None):
+        raise OSError("Input/output error")
+
+    trainer.dataset.source = type("Gone", (), {"case_ids": cache.case_ids, "shape": cache.shape,
+                                               "load": staticmethod(unreadable),
+                                               "preprocessing": cache.preprocessing})()
+    with pytest.raises(SMITError) as failed:
+        trainer.fit()
+    assert str(failed.value) == "no cached scan can be read any more; rebuild the cache."
