@@ -389,31 +389,13 @@ class PretrainTrainer:
         np.random.seed(config.seed)
         random.seed(config.seed)
 
-        global_batch = config.batch_size * self.dist.world_size
         if config.weight_koleo > 0 and config.batch_size < 2 and self.dist.is_main:
             logger.warning("KoLeo compares the scans of one process's batch: with batch size 1 it does nothing; "
                            "use --batch_size 2 or more (or --weight_koleo 0 to silence this).")
         num_cases = len(source.case_ids)
         if num_cases == 0:
             raise SMITError("no usable scans to pretrain on; check the input folders and the cache's skipped report.")
-        samples = config.samples_per_epoch or num_cases
-        self.samples_per_epoch = max(global_batch, (samples // global_batch) * global_batch)
-        self.steps_per_epoch = self.samples_per_epoch // global_batch
-        self.total_steps = config.epochs * self.steps_per_epoch
-        self.stop_step = min(self.total_steps, config.max_steps) if config.max_steps else self.total_steps
-        self.schedules = PretrainSchedules(
-            total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch,
-            peak_lr=config.base_lr * global_batch,
-            min_lr=config.min_lr,
-            warmup_epochs=config.warmup_epochs,
-            weight_decay=config.weight_decay,
-            weight_decay_end=config.weight_decay if config.weight_decay_end is None else config.weight_decay_end,
-            momentum_start=config.momentum_teacher,
-            teacher_temp_start=config.teacher_temp_start,
-            teacher_temp_end=config.teacher_temp_end,
-            teacher_temp_warmup_epochs=config.teacher_temp_warmup_epochs,
-        )
+        self._set_epoch_length(config.samples_per_epoch or num_cases)
 
         self.model = SMITPretrainModel(
             self.encoder_config,
@@ -509,6 +491,7 @@ class PretrainTrainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
+            "samples_per_epoch": self.samples_per_epoch,
             "finished": self.step >= self.total_steps,
             "rng_per_rank": rng_per_rank,
             "world_size": self.dist.world_size,
@@ -518,6 +501,45 @@ class PretrainTrainer:
             "data": self.data_summary,
             "manifest": self.manifest,
         }
+
+    def _set_epoch_length(self, samples: int) -> None:
+        """Epoch length (``samples`` rounded down to whole global batches) and every schedule derived from it."""
+        config = self.config
+        global_batch = config.batch_size * self.dist.world_size
+        self.samples_per_epoch = max(global_batch, (int(samples) // global_batch) * global_batch)
+        self.steps_per_epoch = self.samples_per_epoch // global_batch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, config.max_steps) if config.max_steps else self.total_steps
+        self.schedules = PretrainSchedules(
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            peak_lr=config.base_lr * global_batch,
+            min_lr=config.min_lr,
+            warmup_epochs=config.warmup_epochs,
+            weight_decay=config.weight_decay,
+            weight_decay_end=config.weight_decay if config.weight_decay_end is None else config.weight_decay_end,
+            momentum_start=config.momentum_teacher,
+            teacher_temp_start=config.teacher_temp_start,
+            teacher_temp_end=config.teacher_temp_end,
+            teacher_temp_warmup_epochs=config.teacher_temp_warmup_epochs,
+        )
+
+    def _adopt_epoch_of_checkpoint(self, state: Dict[str, Any]) -> None:
+        """When the cache's scans changed since the run started (scans added to or removed from the folders), keep
+        the run's epoch length, so its schedules go on where they were; the current scans are sampled."""
+        then = {case.get("id") for case in (state.get("manifest") or {}).get("cases", [])}
+        now = {case.get("id") for case in self.manifest.get("cases", [])}
+        if not then or not now or then == now:
+            return
+        message = (f"the cache holds {len(now)} scans, the run started with {len(then)} ({len(now - then)} added, "
+                   f"{len(then - now)} gone); all {len(now)} are sampled from now on")
+        saved = state.get("samples_per_epoch")
+        derived = self.config.samples_per_epoch is None
+        if derived and saved and int(state["world_size"]) == self.dist.world_size and saved != self.samples_per_epoch:
+            self._set_epoch_length(int(saved))
+            message += f", and an epoch stays {saved} samples so that the schedules go on unchanged"
+        if self.dist.is_main:
+            logger.warning("%s.", message)
 
     def weights_finite(self) -> bool:
         """Whether every weight of student, teacher and heads is a finite number (one read-back from the device).
@@ -595,6 +617,7 @@ class PretrainTrainer:
                 "resuming with %d processes instead of %d: the global batch and schedules change.",
                 self.dist.world_size, state["world_size"],
             )
+        self._adopt_epoch_of_checkpoint(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -379,3 +379,29 @@ def test_no_readable_scan_left_is_a_one_line_error_from_the_workers(cache, tmp_p
     with pytest.raises(SMITError) as failed:
         trainer.fit()
     assert str(failed.value) == "no cached scan can be read any more; rebuild the cache."
+
+
+def test_scans_added_between_runs_are_sampled_and_the_schedules_go_on(cache, tmp_path, caplog):
+    class FirstScans:
+        """The cache as it was before the last scan was added to the folders."""
+
+        def __init__(self, count):
+            self.case_ids = cache.case_ids[:count]
+            self.preprocessing = cache.preprocessing
+            self.shape, self.load = cache.shape, cache.load
+            self.manifest = {**cache.manifest, "cases": cache.manifest["cases"][:count]}
+
+    before = len(cache.case_ids) - 1
+    first = PretrainTrainer(tiny_config(max_steps=2, samples_per_epoch=None), FirstScans(before), tmp_path)
+    first.fit()
+    assert first.samples_per_epoch == before
+
+    resumed = PretrainTrainer(tiny_config(max_steps=4, samples_per_epoch=None), cache, tmp_path)
+    with caplog.at_level("WARNING"):
+        resumed.fit()
+    assert (f"the cache holds {before + 1} scans, the run started with {before} (1 added, 0 gone); all {before + 1} "
+            f"are sampled from now on, and an epoch stays {before} samples so that the schedules go on unchanged."
+            ) in caplog.text
+    assert resumed.samples_per_epoch == before and resumed.total_steps == first.total_steps
+    assert resumed.schedules.lr(3) == first.schedules.lr(3)
+    assert resumed.step == 4
