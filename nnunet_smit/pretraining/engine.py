@@ -178,9 +178,11 @@ class PretrainConfig:
 
         for name in ("base_lr", "student_temp", "teacher_temp_start", "teacher_temp_end"):
             require(getattr(self, name) > 0, name, "positive")
-        for name in ("min_lr", "weight_decay", "warmup_epochs", "teacher_temp_warmup_epochs", "intensity_jitter",
+        for name in ("min_lr", "weight_decay", "warmup_epochs", "teacher_temp_warmup_epochs",
                      "checkpoint_every_minutes"):
             require(getattr(self, name) >= 0, name, "0 or positive")
+        # A jitter of 1 or more could scale a view by a negative factor (inverted contrast).
+        require(0 <= self.intensity_jitter < 1, "intensity_jitter", "in [0, 1)")
         require(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end", "0 or positive")
         require(self.clip_grad >= 0, "clip_grad", "0 (off) or positive")
         for name in ("momentum_teacher", "center_momentum", "body_bias"):

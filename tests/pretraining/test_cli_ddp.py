@@ -69,6 +69,7 @@ def test_negative_loss_weight_is_a_one_line_error(tmp_path, capsys):
     (["--base_lr", "nan"], "base_lr must be positive, got nan."),
     (["--teacher_temp_end", "0"], "teacher_temp_end must be positive, got 0.0."),
     (["--momentum_teacher", "1.5"], "momentum_teacher must be in [0, 1], got 1.5."),
+    (["--intensity_jitter", "1.5"], "intensity_jitter must be in [0, 1), got 1.5."),
     (["--head_out_dim", "0"], "head_out_dim must be at least 1, got 0."),
     (["--num_workers", "-1"], "num_workers must be 0 or more (or unset: automatic), got -1."),
     (["--max_steps", "0"], "max_steps must be at least 1 (or unset), got 0."),
