@@ -80,20 +80,16 @@ def window_reverse_legacy(windows: torch.Tensor, window: Size3, b: int, d: int, 
 def shifted_window_mask(padded: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
     """Additive mask (num_windows, N, N) separating the regions a cyclic shift brings into one window.
 
-    Regions are labelled on the padded grid as in the standard 3D Swin: per axis the slices
-    [0, -window), [-window, -shift) and [-shift, end).
+    Regions are labelled on the padded grid as in the standard 3D Swin: per shifted axis the slices
+    [0, -window), [-window, -shift) and [-shift, end); an axis without shift is one region. Computed with tensor
+    operations only, so ``torch.compile`` can trace it.
     """
-    labels = torch.zeros((1, *padded, 1), device=device)
-    count = 0
-    slices = [
-        (slice(-window[a]), slice(-window[a], -shift[a]), slice(-shift[a], None)) for a in range(3)
-    ]
-    for sd in slices[0]:
-        for sh in slices[1]:
-            for sw in slices[2]:
-                labels[:, sd, sh, sw, :] = count
-                count += 1
-    label_windows = window_partition(labels, window).squeeze(-1)  # (nW, N)
+    bins = []
+    for size, win, sh in zip(padded, window, shift):
+        coords = torch.arange(size, device=device)
+        bins.append((coords >= size - win).long() + (coords >= size - sh).long() if sh > 0 else coords * 0)
+    labels = bins[0][:, None, None] * 9 + bins[1][None, :, None] * 3 + bins[2][None, None, :]  # (D, H, W)
+    label_windows = window_partition(labels[None, ..., None], window).squeeze(-1)  # (nW, N)
     different = label_windows[:, None, :] != label_windows[:, :, None]
     return torch.zeros(different.shape, device=device).masked_fill(different, SHIFT_MASK_VALUE)
 
