@@ -113,7 +113,7 @@ def test_compiled_losses_match_eager_losses_and_gradients():
 def test_the_compiled_step_compiles_once():
     # The first step runs eagerly and fills the encoders' shift-mask caches; the compiled graph then reads the masks
     # as constants (filling a cache while tracing would change the state the graph is guarded on: a second compile;
-    # computing the masks inside the graph instead made the inductor-compiled CPU step 2.4x slower).
+    # computing the masks inside the graph instead made the inductor-compiled CPU step 2.43 s against 0.78 s).
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
