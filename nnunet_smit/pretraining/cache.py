@@ -366,8 +366,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, min_shape: Tuple[int, int, int],
-         num_workers: int, progress: bool, process: Optional[Callable[..., Dict[str, Any]]] = None,
-         ) -> Dict[str, Dict[str, Any]]:
+         num_workers: int, progress: bool) -> Dict[str, Dict[str, Any]]:
     """Preprocess ``todo``; returns {case id: record}.
 
     A worker process that dies (killed for memory, say) takes its pool down. The scans that were being processed
@@ -380,7 +379,7 @@ def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, 
     results: Dict[str, Dict[str, Any]] = {}
     if not todo:
         return results
-    process = process or _process_source
+    process = _process_source  # looked up at call time (tests replace it)
     args = (str(cases), preprocessing.to_dict(), min_shape)
     bar = tqdm(total=len(todo), desc="caching CT scans", unit="scan", disable=not progress)
     if num_workers <= 1:  # in this process (a scan that exhausts the memory takes it down)

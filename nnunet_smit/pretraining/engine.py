@@ -44,7 +44,7 @@ from nnunet_smit.pretraining.cli import COMPILE_MODES
 from nnunet_smit.pretraining.dino_loss import CENTERING_MODES
 from nnunet_smit.pretraining.masking import CubeMaskGenerator
 from nnunet_smit.pretraining.model import (
-    TAP_STRIDE, HeadConfig, ObjectiveWeights, SMITPretrainModel, teacher_collapse_stats,
+    HeadConfig, ObjectiveWeights, SMITPretrainModel, check_objectives_and_cube, teacher_collapse_stats,
 )
 from nnunet_smit.pretraining.sampler import EpochShardSampler, TwoViewDataset, ViewSampling, VolumeSource, make_worker_init_fn
 from nnunet_smit.pretraining.schedules import PretrainSchedules
@@ -151,9 +151,6 @@ class PretrainConfig:
             raise SMITError("epochs must be at least 1.")
         if self.centering not in CENTERING_MODES:
             raise SMITError(f"centering must be one of {', '.join(CENTERING_MODES)}, got {self.centering!r}.")
-        for name in ("weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo"):
-            if not getattr(self, name) >= 0:  # also catches NaN
-                raise SMITError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}.")
         self._check_ranges()
         # An unknown preset, a bad encoder override or a mask cube that does not tile the view fails here, before
         # hours of cache building.
@@ -165,10 +162,7 @@ class PretrainConfig:
             raise SMITError(f"view size must be a multiple of {encoder.size_divisor} voxels for preset "
                             f"{self.preset!r}, got {self.view_size}.")
         CubeMaskGenerator(self.mask_cube_size, self.mask_ratio).grid_shape((self.view_size,) * 3)
-        if TAP_STRIDE % self.mask_cube_size and self.mask_cube_size % TAP_STRIDE:
-            raise SMITError(f"mask cube size {self.mask_cube_size} must divide or be a multiple of {TAP_STRIDE} voxels.")
-        if not any(self.objective_weights().enabled().values()):
-            raise SMITError("All pretraining objectives are switched off; give at least one a positive weight.")
+        check_objectives_and_cube(self.objective_weights(), self.mask_cube_size)
 
     def _check_ranges(self) -> None:
         """One-line errors for settings outside their meaningful range (NaN included)."""
@@ -176,6 +170,8 @@ class PretrainConfig:
             if not ok:
                 raise SMITError(f"{name} must be {what}, got {getattr(self, name)}.")
 
+        for name in ("weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo"):
+            require(getattr(self, name) >= 0, name, "0 (off) or positive")
         for name in ("base_lr", "student_temp", "teacher_temp_start", "teacher_temp_end"):
             require(getattr(self, name) > 0, name, "positive")
         for name in ("min_lr", "weight_decay", "warmup_epochs", "teacher_temp_warmup_epochs",

@@ -83,6 +83,14 @@ class StudentOutput:
     reconstruction: Optional[torch.Tensor] = None
 
 
+def check_objectives_and_cube(weights: ObjectiveWeights, mask_cube_size: int) -> None:
+    """Raise SMITError when every objective is off or the mask cube does not line up with the tap tokens."""
+    if not any(weights.enabled().values()):
+        raise SMITError("All pretraining objectives are switched off; give at least one a positive weight.")
+    if TAP_STRIDE % int(mask_cube_size) and int(mask_cube_size) % TAP_STRIDE:
+        raise SMITError(f"mask cube size {mask_cube_size} must divide or be a multiple of {TAP_STRIDE} voxels.")
+
+
 def tap_tokens(merged: torch.Tensor) -> torch.Tensor:
     """(N, 8C, d, h, w) stage-2 merge output -> (N, d*h*w, 8C) tokens in C order over (d, h, w)."""
     return merged.flatten(2).transpose(1, 2)
@@ -249,12 +257,9 @@ class SMITPretrainModel(nn.Module):
         self.config = config
         self.weights = weights or ObjectiveWeights()
         heads = heads or HeadConfig()
+        check_objectives_and_cube(self.weights, mask_cube_size)
         enabled = self.weights.enabled()
-        if not any(enabled.values()):
-            raise SMITError("All pretraining objectives are switched off; give at least one a positive weight.")
         self.mask_cube_size = int(mask_cube_size)
-        if TAP_STRIDE % self.mask_cube_size and self.mask_cube_size % TAP_STRIDE:
-            raise SMITError(f"mask cube size {mask_cube_size} must divide or be a multiple of {TAP_STRIDE} voxels.")
         self.student = StudentNetwork(config, self.weights, heads, separate_patch_head, True, gradient_checkpointing)
         self.uses_teacher = enabled["dino"] or enabled["ibot"]
         self.teacher: Optional[StudentNetwork] = None
