@@ -33,8 +33,8 @@ class EncoderOutput:
         features: four skip features, stage i of shape (B, C * 2**i, D / 2**(i+1), H / 2**(i+1), W / 2**(i+1));
             empty when the forward pass was asked for none (``with_features=False``).
         merged: the output of each stage's patch merging, stage i of shape
-            (B, 2C * 2**i, D / 2**(i+2), ...). ``merged[2]`` (8C channels at 1/16) is the SMIT
-            distillation tap, ``merged[3]`` the raw bottleneck.
+            (B, 2C * 2**i, D / 2**(i+2), ...), a channels-first view of channels-last memory (not contiguous).
+            ``merged[2]`` (8C channels at 1/16) is the SMIT distillation tap, ``merged[3]`` the raw bottleneck.
         bottleneck: (B, 16C, D/32, H/32, W/32), the decoder's deepest input.
     """
 
@@ -138,21 +138,21 @@ def fused_head_dim(head_dim: int, device: torch.device, dtype: torch.dtype) -> i
     return head_dim
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, padded_head_dim: Optional[int] = None
-) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(head_dim) + attn_mask) v`` through SDPA, q, k, v (B, heads, N, head_dim).
+def attention(qkv: torch.Tensor, attn_mask: torch.Tensor, padded_head_dim: Optional[int] = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim) + attn_mask) v`` through SDPA, from the packed projections
+    qkv (B, N, 3, heads, head_dim); returns (B, heads, N, head_dim).
 
-    With ``padded_head_dim`` larger than head_dim, q, k and v are zero-padded to it (which changes no dot product
-    and only adds zero output channels, sliced off again) and the scale stays that of the true head_dim.
+    With ``padded_head_dim`` larger than head_dim, q, k and v are zero-padded to it in one copy of the packed tensor
+    (which changes no dot product and only adds zero output channels, sliced off again) and the scale stays that of
+    the true head_dim.
     """
-    head_dim = q.shape[-1]
+    head_dim = qkv.shape[-1]
     padded = head_dim if padded_head_dim is None else padded_head_dim
-    if padded == head_dim:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
+    if padded > head_dim:
+        qkv = F.pad(qkv, (0, padded - head_dim))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, padded), the last axis contiguous
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=head_dim**-0.5)
-    return out[..., :head_dim]
+    return out[..., :head_dim] if padded > head_dim else out
 
 
 class WindowAttention(nn.Module):
@@ -172,19 +172,18 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, shift_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B * nW, N, C); shift_mask: (nW, N, N) additive, or None. Returns (B * nW, N, C)."""
         bw, n, c = x.shape
-        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B * nW, heads, N, head_dim)
+        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads)
         # A window shrunk to a small grid (MONAI behaviour) reads the top-left block of the full index.
         index = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[index].view(n, n, self.num_heads).permute(2, 0, 1)
         if shift_mask is None:
-            attn_mask = bias.unsqueeze(0).to(q.dtype)  # broadcast over windows
+            attn_mask = bias.unsqueeze(0).to(qkv.dtype)  # broadcast over windows
         else:
             num_windows = shift_mask.shape[0]
             attn_mask = bias.unsqueeze(0) + shift_mask.unsqueeze(1)  # (nW, heads, N, N)
-            attn_mask = attn_mask.to(q.dtype).unsqueeze(0).expand(bw // num_windows, -1, -1, -1, -1)
+            attn_mask = attn_mask.to(qkv.dtype).unsqueeze(0).expand(bw // num_windows, -1, -1, -1, -1)
             attn_mask = attn_mask.reshape(bw, self.num_heads, n, n)
-        out = attention(q, k, v, attn_mask, fused_head_dim(q.shape[-1], q.device, q.dtype))
+        out = attention(qkv, attn_mask, fused_head_dim(qkv.shape[-1], qkv.device, qkv.dtype))
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
@@ -238,7 +237,8 @@ class SwinBlock(nn.Module):
         b, d, h, w, c = x.shape
         window, shift = self.window_and_shift((d, h, w))
         pads = [(-size) % win for size, win in zip((d, h, w), window)]  # each axis padded by its own amount
-        x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+        if any(pads):  # F.pad copies even when it pads nothing
+            x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
         padded = (d + pads[0], h + pads[1], w + pads[2])
         shifted = any(s > 0 for s in shift)
         mask = None
@@ -248,7 +248,7 @@ class SwinBlock(nn.Module):
         x = self.reverse(self.attn(window_partition(x, window), mask), window, b, *padded)
         if shifted:
             x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
-        return x[:, :d, :h, :w, :]
+        return x[:, :d, :h, :w, :] if any(pads) else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self._attention(self.norm1(x)))
@@ -392,11 +392,11 @@ class SwinEncoder(nn.Module):
             if not monai_outputs and with_features:
                 features.append(_channels_first(getattr(self, f"norm{i}")(tokens)))
             tokens = stage.downsample(tokens)
-            merged.append(_channels_first(tokens))
+            merged.append(tokens.permute(0, 4, 1, 2, 3))  # a view: the tap reads it back as tokens without a copy
         if monai_outputs:
             bottleneck = _channels_first(F.layer_norm(tokens, tokens.shape[-1:]))
         else:
-            bottleneck = merged[-1]
+            bottleneck = _channels_first(tokens)
         return EncoderOutput(features=features, merged=merged, bottleneck=bottleneck)
 
 

@@ -75,16 +75,17 @@ def test_head_dim_is_padded_to_keep_the_fused_kernel_only_where_it_needs_it():
 
 def test_padded_head_dim_attention_equals_the_unpadded_one_with_gradients():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(6, 4, 64, 12, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(6, 64, 3, 4, 12, dtype=torch.float64, requires_grad=True)  # (windows, N, q/k/v, heads, dim)
     bias = torch.randn(1, 4, 64, 64, dtype=torch.float64, requires_grad=True)
-    plain = attention(q, k, v, bias)
-    padded = attention(q, k, v, bias, padded_head_dim=16)
+    plain = attention(qkv, bias)
+    padded = attention(qkv, bias, padded_head_dim=16)
     assert padded.shape == plain.shape == (6, 4, 64, 12)
     assert torch.allclose(padded, plain, atol=1e-12)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
     explicit = torch.softmax(q @ k.transpose(-1, -2) / 12**0.5 + bias, dim=-1) @ v
     assert torch.allclose(plain, explicit, atol=1e-12)
-    grads_plain = torch.autograd.grad(plain.square().sum(), (q, k, v, bias))
-    grads_padded = torch.autograd.grad(padded.square().sum(), (q, k, v, bias))
+    grads_plain = torch.autograd.grad(plain.square().sum(), (qkv, bias))
+    grads_padded = torch.autograd.grad(padded.square().sum(), (qkv, bias))
     for a, b in zip(grads_plain, grads_padded):
         assert torch.allclose(a, b, atol=1e-10)
 
