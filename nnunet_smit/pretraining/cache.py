@@ -33,15 +33,20 @@ Layout of a cache folder::
 
 Every file is written to a temporary name and moved into place with ``os.replace``; a killed build leaves
 only temporary files, which the next build removes, and it recomputes only cases without a record.
-One build per cache folder at a time.
+SIGINT or SIGTERM stops a build (:class:`CacheBuildInterrupted`): no new scan is started, and the scans being
+preprocessed are finished unless the workers got the signal too (or a second one comes). One build per cache folder
+at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import multiprocessing
 import os
+import signal
+import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -56,6 +61,10 @@ from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.discovery import Source, discover_sources
 
 logger = logging.getLogger(__name__)
+
+
+class CacheBuildInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a cache build; the message says how many scans are cached and how to go on."""
 
 PathLike = Union[str, Path]
 
@@ -323,7 +332,15 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
             records[source.id] = record
     logger.info("cache %s: %d scans found, %d already cached, %d to preprocess", cache, len(discovery.sources),
                 len(records), len(todo))
-    records.update(_run(todo, cases, preprocessing, min_shape, num_workers, progress))
+    try:
+        with _sigterm_interrupts():
+            records.update(_run(todo, cases, preprocessing, min_shape, num_workers, progress))
+    except KeyboardInterrupt:
+        done = sum(_load_record(cases, source.id) is not None for source in discovery.sources)
+        raise CacheBuildInterrupted(
+            f"cache build interrupted: {done} of the {len(discovery.sources)} scans are preprocessed in {cache}; "
+            f"rerun the same command to preprocess the other {len(discovery.sources) - done} and go on."
+        ) from None
 
     manifest_cases: List[Dict[str, Any]] = []
     skipped: List[Tuple[str, str]] = list(discovery.skipped)
@@ -352,6 +369,29 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
     return CacheIndex.open(cache)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a job scheduler's stop, pre-emption) raises KeyboardInterrupt in this process, as SIGINT does, so
+    that the build stops the same way for both; only where signal handlers can be set (the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_sigint() -> None:
+    """Cache workers leave Ctrl-C to the main process, which decides what stops (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _worker_context() -> multiprocessing.context.BaseContext:
     """Fresh worker processes (never a fork of this one, which may run torch/OpenMP threads).
 
@@ -367,13 +407,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, min_shape: Tuple[int, int, int],
          num_workers: int, progress: bool) -> Dict[str, Dict[str, Any]]:
-    """Preprocess ``todo``; returns {case id: record}.
-
-    A worker process that dies (killed for memory, say) takes its pool down. The scans that were being processed
-    at that moment are then retried one at a time, each in a process of its own, and the scans not yet started go
-    to a new pool: a scan that kills even a process to itself is reported (status "error", no record file, so a
-    later build tries it again) and every other scan is still cached.
-    """
+    """Preprocess ``todo`` in this process or in ``num_workers`` worker processes; returns {case id: record}."""
     from tqdm.auto import tqdm
 
     results: Dict[str, Dict[str, Any]] = {}
@@ -381,13 +415,25 @@ def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, 
         return results
     process = _process_source  # looked up at call time (tests replace it)
     args = (str(cases), preprocessing.to_dict(), min_shape)
-    bar = tqdm(total=len(todo), desc="caching CT scans", unit="scan", disable=not progress)
-    if num_workers <= 1:  # in this process (a scan that exhausts the memory takes it down)
-        for source in todo:
-            results[source.id] = process(source, *args, 4)
-            bar.update()
-        bar.close()
-        return results
+    with tqdm(total=len(todo), desc="caching CT scans", unit="scan", disable=not progress) as bar:
+        if num_workers <= 1:  # in this process (a scan that exhausts the memory takes it down)
+            for source in todo:
+                results[source.id] = process(source, *args, 4)
+                bar.update()
+        else:
+            _run_workers(todo, cases, process, args, num_workers, results, bar)
+    return results
+
+
+def _run_workers(todo: List[Source], cases: Path, process: Callable[..., Dict[str, Any]], args: tuple,
+                 num_workers: int, results: Dict[str, Dict[str, Any]], bar: Any) -> None:
+    """:func:`_run` with worker processes.
+
+    A worker process that dies (killed for memory, say) takes its pool down. The scans that were being processed
+    at that moment are then retried one at a time, each in a process of its own, and the scans not yet started go
+    to a new pool: a scan that kills even a process to itself is reported (status "error", no record file, so a
+    later build tries it again) and every other scan is still cached.
+    """
     workers = min(num_workers, len(todo))
     nthreads = max(1, min(4, (os.cpu_count() or 1) // workers))
     pending, suspects = list(todo), []
@@ -414,8 +460,6 @@ def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, 
     if suspects:  # no worker runs now: remove what the dead ones were writing
         for leftover in cases.glob(f"{_TMP_PREFIX}*"):
             leftover.unlink(missing_ok=True)
-    bar.close()
-    return results
 
 
 def _running_marker(cases: PathLike, source: Source) -> Path:
@@ -438,7 +482,8 @@ def _run_pool(sources: List[Source], workers: int, nthreads: int, process: Calla
     """Run ``process`` over ``sources`` in a pool of ``workers`` processes, adding to ``results``; returns the
     sources left unfinished because a worker died."""
     unfinished: List[Source] = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_ignore_sigint)
+    try:
         futures = {pool.submit(_tracked, process, source, *args, nthreads): source for source in sources}
         for future in as_completed(futures):
             try:
@@ -447,6 +492,12 @@ def _run_pool(sources: List[Source], workers: int, nthreads: int, process: Calla
                 unfinished.append(futures[future])
                 continue
             bar.update()
+    except KeyboardInterrupt:
+        logger.warning("interrupted: no new scan is started; waiting for the scans in progress (interrupt again to "
+                       "stop at once)")
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return unfinished
 
 

@@ -204,6 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    from nnunet_smit.pretraining.cache import CacheBuildInterrupted
     from nnunet_smit.pretraining.engine import TrainingInterrupted
 
     try:
@@ -213,6 +214,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except TrainingInterrupted as interrupted:
         print(interrupted.message, file=sys.stderr)
+        return 130
+    except CacheBuildInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last saved checkpoint, if one was written.",

@@ -8,3 +8,16 @@ def die_on_scans_named_killer(source, *args):
     if "killer" in os.path.basename(source.location):
         os._exit(137)
     return cache._process_source(source, *args)
+
+
+def slow_with_a_stop_flag(source, cases_dir, *args):
+    """Each scan takes a second longer; the scan named ``stopper`` first writes ``stop-flag`` next to the cases
+    folder (for the test to interrupt the build while it runs) and takes three."""
+    import time
+    from pathlib import Path
+
+    if "stopper" in os.path.basename(source.location):
+        (Path(cases_dir).parent / "stop-flag").touch()
+        time.sleep(3.0)
+    time.sleep(1.0)
+    return cache._process_source(source, cases_dir, *args)

@@ -96,6 +96,19 @@ def test_folder_without_scans_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and captured.err.startswith("error: ") and "Traceback" not in captured.err
 
 
+def test_an_interrupted_cache_build_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from nnunet_smit.pretraining import cache
+
+    def interrupted(*args, **kwargs):
+        raise cache.CacheBuildInterrupted("cache build interrupted: 3 of the 9 scans are preprocessed in X; rerun ...")
+
+    monkeypatch.setattr(cache, "build_cache", interrupted)
+    code = main(["-d", str(tmp_path), "-o", str(tmp_path / "out"), *TINY_ARGS])
+    captured = capsys.readouterr()
+    assert code == 130 and captured.err.startswith("cache build interrupted: 3 of the 9") and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
 def test_two_process_ddp_run_agrees_on_the_weights(tmp_path_factory, tmp_path):
     # Sinkhorn-Knopp centering all-reduces its sums and the masked-token count across the processes.

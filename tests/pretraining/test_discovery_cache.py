@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,7 @@ import SimpleITK as sitk
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining import cache as cache_module
-from nnunet_smit.pretraining.cache import CacheIndex, build_cache, read_ct
+from nnunet_smit.pretraining.cache import CacheBuildInterrupted, CacheIndex, build_cache, read_ct
 from nnunet_smit.pretraining.discovery import Source, discover_sources
 
 PREPROCESSING = PretrainPreprocessing(target_spacing_mm=(2.0, 2.0, 2.0), hu_window=(-175.0, 250.0))
@@ -372,3 +376,40 @@ def test_a_scan_that_kills_its_worker_is_reported_and_the_others_are_cached(tmp_
     monkeypatch.setattr(cache_module, "_process_source", die_on_scans_named_killer)
     again = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
     assert again.case_ids == index.case_ids and again.skipped == index.skipped
+
+
+def test_sigterm_stops_the_build_after_the_scans_in_progress_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    from tests.pretraining.cache_crash_support import slow_with_a_stop_flag
+
+    raw = tmp_path / "raw"
+    write_image(raw / "a_stopper.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    for i in range(5):
+        write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
+    flag = tmp_path / "cache" / "stop-flag"
+
+    def terminate_when_flagged():  # a scheduler's SIGTERM to this process (not to the workers) mid-build
+        deadline = time.monotonic() + 120
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cache_module, "_process_source", slow_with_a_stop_flag)
+    killer = threading.Thread(target=terminate_when_flagged, daemon=True)
+    killer.start()
+    with pytest.raises(CacheBuildInterrupted, match=r"^cache build interrupted: \d of the 6 scans are preprocessed "
+                                                    r"in .*; rerun the same command to preprocess the other \d"):
+        build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
+    killer.join()
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+    cases = tmp_path / "cache" / "cases"
+    done = sorted(p.stem for p in cases.glob("*.json"))
+    # The scan in progress at the signal was finished and kept; the scans not yet started were not begun.
+    assert any(name.startswith("a_stopper") for name in done) and 1 <= len(done) < 6
+    assert not list(cases.glob(".tmp-*"))
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    kept = {p.name: p.stat().st_mtime_ns for p in cases.glob("*.b2nd")}
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
+    assert len(index.case_ids) == 6
+    assert all((cases / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # not recomputed
