@@ -59,8 +59,9 @@ STATE_VERSION = 1
 # stops with an error instead of waiting for days.
 LOADER_TIMEOUT_S = 1800.0
 
-# Under DDP, steps between the processes' agreements on a stop signal (one all-reduce that waits for the device).
-DDP_AGREE_EVERY = 10
+# Under DDP the processes agree on stopping and on saving at every step, through a CPU (gloo) group; how long a
+# process waits there for the others (rank 0 writing a checkpoint or the epoch's plots, say).
+FLAG_GROUP_TIMEOUT = datetime.timedelta(hours=1)
 
 # Fields that may change between a run and its resumption without changing what is trained.
 RUNTIME_FIELDS = frozenset(
@@ -376,6 +377,7 @@ class PretrainTrainer:
         self.log_path = self.output_dir / "log.jsonl"
         self.plot_dir = self.output_dir / "plots"
         self._stop_signal: Optional[str] = None
+        self._flag_group: Optional[Any] = None  # the CPU group of _sync_flags (None: the default group is gloo)
         self._last_checkpoint_time = time.monotonic()
         self._last_saved_step: Optional[int] = None  # the step checkpoint_latest.pt holds
 
@@ -649,11 +651,15 @@ class PretrainTrainer:
 
     def _sync_flags(self, checkpoint_due: bool) -> Tuple[bool, bool]:
         """(stop requested, checkpoint due) agreed by all processes: any process's signal stops all, and the
-        clock-based checkpoint decision cannot differ between processes (they must save together)."""
+        clock-based checkpoint decision cannot differ between processes (they must save together).
+
+        Under DDP an all-reduce of two numbers on the CPU (a gloo group): it does not wait for the device, so the
+        processes agree at every step and stop at the step after the signal."""
         flags = torch.tensor([1.0 if self._stop_signal else 0.0, 1.0 if checkpoint_due else 0.0])
         if self.dist.distributed:
-            flags = flags.to(self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if self._flag_group is None and dist.get_backend() != "gloo":
+                self._flag_group = dist.new_group(backend="gloo", timeout=FLAG_GROUP_TIMEOUT)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._flag_group)
         stop, due = flags.tolist()
         return stop > 0, due > 0
 
@@ -852,16 +858,12 @@ class PretrainTrainer:
                 if (epoch_end or last) and self.dist.is_main:
                     self._epoch_outputs(epoch, out.preview)
                 step_due = bool(config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
-                stop, due = False, False
-                # Under data parallelism the processes agree on stopping and on the clock-based checkpoint with an
-                # all-reduce that waits for the device: every DDP_AGREE_EVERY steps and where they log or save anyway.
-                if not self.dist.distributed or log_due or step_due or self.step % DDP_AGREE_EVERY == 0:
-                    due = (
-                        step_due
-                        or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
-                        or epoch_end
-                    )
-                    stop, due = self._sync_flags(due)
+                due = (
+                    step_due
+                    or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
+                    or epoch_end
+                )
+                stop, due = self._sync_flags(due)
                 if stop or last or due:
                     self.save_checkpoint()
                 if stop:

@@ -24,6 +24,25 @@ def _env():
     return env
 
 
+def _torchrun(data: Path, cache: Path, out: Path, *options: str) -> list:
+    """smit_pretrain under torchrun with 2 processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "nnunet_smit.pretraining.cli", "-d", str(data), "-o", str(out), "--cache_dir", str(cache),
+            *options, *TINY_ARGS]
+
+
+def _wait_for_train_records(process: subprocess.Popen, log: Path, count: int) -> None:
+    """Wait until ``log`` holds ``count`` training records, with the process still running."""
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and sum('"event": "train"' in line for line in log.read_text().splitlines()) >= count:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, "".join(s for s in process.communicate() if s)[-3000:]
+
+
 def test_max_steps_exports_and_prints_the_path_last(tmp_path_factory, tmp_path):
     data, cache = phantom_dirs(tmp_path_factory)
     out = tmp_path / "run"
@@ -114,9 +133,7 @@ def test_two_process_ddp_run_agrees_on_the_weights(tmp_path_factory, tmp_path):
     # Sinkhorn-Knopp centering all-reduces its sums and the masked-token count across the processes.
     data, cache = phantom_dirs(tmp_path_factory)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "nnunet_smit.pretraining.cli", "-d", str(data), "-o", str(out), "--cache_dir", str(cache),
-               "--max_steps", "2", "--centering", "sinkhorn_knopp", *TINY_ARGS]
+    command = _torchrun(data, cache, out, "--max_steps", "2", "--centering", "sinkhorn_knopp")
     result = subprocess.run(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -134,7 +151,6 @@ def test_two_process_ddp_run_agrees_on_the_weights(tmp_path_factory, tmp_path):
 def test_sigterm_to_the_whole_process_group_saves_and_stops_cleanly(tmp_path_factory, tmp_path):
     # What a scheduler's pre-emption does: SIGTERM to every process of the job, loader workers included.
     import signal
-    import time
 
     data, cache = phantom_dirs(tmp_path_factory)
     out = tmp_path / "preempted"
@@ -143,13 +159,7 @@ def test_sigterm_to_the_whole_process_group_saves_and_stops_cleanly(tmp_path_fac
                "--cache_dir", str(cache), "--max_steps", "500", "--log_every_steps", "1", *args]
     process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
-    log = out / "log.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if log.is_file() and sum('"event": "train"' in line for line in log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.5)
-    assert process.poll() is None, process.communicate()[1][-3000:]
+    _wait_for_train_records(process, out / "log.jsonl", 3)
     os.killpg(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
@@ -159,3 +169,48 @@ def test_sigterm_to_the_whole_process_group_saves_and_stops_cleanly(tmp_path_fac
     assert torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=True)["step"] == step
     with pytest.raises(ProcessLookupError):  # no loader worker left behind
         os.killpg(process.pid, 0)
+
+
+def _rank_pids(launcher_pid: int) -> dict:
+    """{rank: pid} of the processes a torchrun launcher started (their RANK environment variable)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) != launcher_pid:  # the parent process id
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = int(entry.name)
+    return ranks
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and Path("/proc/self/environ").exists()),
+                    reason="torch without distributed support, or no /proc to find the ranks in")
+def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path_factory, tmp_path):
+    # Pre-emption may reach one process first: every rank must save together and stop at the same step.
+    import signal
+
+    data, cache = phantom_dirs(tmp_path_factory)
+    out = tmp_path / "ddp_stop"
+    command = _torchrun(data, cache, out, "--max_steps", "500", "--log_every_steps", "1")
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    _wait_for_train_records(process, out / "log.jsonl", 3)
+    ranks = _rank_pids(process.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    stops = [line for line in output.splitlines() if line.startswith("pretraining interrupted (")]
+    assert len(stops) == 2 and "Traceback" not in "".join(stops), output[-3000:]
+    steps = {int(line.split("at step ")[1].split(";")[0]) for line in stops}
+    assert len(steps) == 1, stops
+    step = steps.pop()
+    assert any(line.startswith("pretraining interrupted (SIGTERM)") for line in stops)
+    assert any(line.startswith("pretraining interrupted (signal on another process)") for line in stops)
+    assert torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=True)["step"] == step
