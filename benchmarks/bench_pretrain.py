@@ -186,7 +186,7 @@ def profile_steps(trainer: Any, batch: Dict[str, Any], steps: int, sync: Any) ->
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             trainer.train_step(batch)
@@ -199,9 +199,15 @@ def profile_steps(trainer: Any, batch: Dict[str, Any], steps: int, sync: Any) ->
         by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1000 / steps
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     host_ops = sum(1 for e in prof.events() if e.device_type.name == "CPU" and e.cpu_parent is None)
+    # The operators whose kernels take the device's time, with their input shapes: what to make faster.
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    top_ops = [[e.key, str(e.input_shapes)[:100], e.count // steps, round(e.self_device_time_total / 1000 / steps, 3)]
+               for e in ops[:15]]
     return {"profiled_wall_ms_per_step": wall_ms, "device_busy_ms_per_step": busy_ms if kernels else None,
             "kernels_per_step": len(kernels) / steps, "host_top_level_ops_per_step": host_ops / steps,
-            "top_kernels_ms_per_step": [[name[:80], round(ms, 3)] for name, ms in top]}
+            "top_kernels_ms_per_step": [[name[:80], round(ms, 3)] for name, ms in top],
+            "top_ops_ms_per_step": top_ops}
 
 
 def loader_setting(args: argparse.Namespace, workers: int) -> Dict:
@@ -297,6 +303,8 @@ def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict
                   f"{result['host_top_level_ops_per_step']:>10.0f}")
             for kernel, ms in result["top_kernels_ms_per_step"][:4]:
                 print(f"    {ms:8.2f} ms  {kernel}")
+            for op, shapes, calls, ms in result.get("top_ops_ms_per_step", [])[:12]:
+                print(f"    {ms:8.2f} ms  {calls:4d} x {op} {shapes}")
         print("busy: the device's kernel time per step against the step's wall time; a low share means the host "
               "(launches, Python, waits) bounds the step")
     goals: Dict[str, Any] = {}
