@@ -22,6 +22,9 @@ Training settings (``--settings``; each runs in its own subprocess, so its peak 
                    teacher and losses as one graph with ``torch.compile``; the first step's time includes compiling
     bf16+compile+graphs  the same in ``torch.compile``'s "reduce-overhead" mode (CUDA graphs: the compiled graph
                    replayed with one launch); both compile settings are skipped with ``--no_compile``
+    bf16+math      bf16 with window attention on the explicit path (scores materialised), against SDPA's choice
+    bf16+cudnn     bf16 with cuDNN's attention kernel first where it takes the inputs (the additive bias with its
+                   gradient), SDPA's next choice elsewhere; the profile's operator list shows which kernel ran
 
 Goals, checked in the printout: the engine's default step >= 3x the authors' crops/s on the same GPU; the loader
 >= 4x the fastest step's crops/s at the worker count used.
@@ -57,15 +60,18 @@ from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (precision, gradient checkpointing, torch.compile mode or None, authors' numerics, label in the table)
+# name -> (precision, gradient checkpointing, torch.compile mode or None, authors' numerics, label in the table,
+#          attention kernel: None for the one SDPA picks, "math" for the explicit path, "cudnn" to prefer cuDNN's)
 SETTINGS: Dict[str, tuple] = {
-    "authors": ("fp32", False, None, True, "authors-equivalent fp32 (math attention, no TF32)"),
-    "fp32": ("fp32", False, None, False, "fp32 (PyTorch defaults)"),
-    "fp32+ckpt": ("fp32", True, None, False, "fp32 + checkpointing"),
-    "bf16": ("bf16", False, None, False, "bf16"),
-    "bf16+ckpt": ("bf16", True, None, False, "bf16 + checkpointing"),
-    "bf16+compile": ("bf16", False, "default", False, "bf16 + torch.compile"),
-    "bf16+compile+graphs": ("bf16", False, "reduce-overhead", False, "bf16 + torch.compile, CUDA graphs"),
+    "authors": ("fp32", False, None, True, "authors-equivalent fp32 (math attention, no TF32)", "math"),
+    "fp32": ("fp32", False, None, False, "fp32 (PyTorch defaults)", None),
+    "fp32+ckpt": ("fp32", True, None, False, "fp32 + checkpointing", None),
+    "bf16": ("bf16", False, None, False, "bf16", None),
+    "bf16+ckpt": ("bf16", True, None, False, "bf16 + checkpointing", None),
+    "bf16+compile": ("bf16", False, "default", False, "bf16 + torch.compile", None),
+    "bf16+compile+graphs": ("bf16", False, "reduce-overhead", False, "bf16 + torch.compile, CUDA graphs", None),
+    "bf16+math": ("bf16", False, None, False, "bf16, math attention", "math"),
+    "bf16+cudnn": ("bf16", False, None, False, "bf16, cuDNN attention preferred", "cudnn"),
 }
 SPEEDUP_GOAL_VS_AUTHORS = 3.0
 LOADER_GOAL_VS_STEP = 4.0
@@ -118,12 +124,11 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
     import resource
 
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from nnunet_smit.pretraining.cache import CacheIndex
     from nnunet_smit.pretraining.engine import PretrainConfig, PretrainTrainer
 
-    precision, checkpointing, compile_mode, authors, _ = SETTINGS[name]
+    precision, checkpointing, compile_mode, authors, _, kernel = SETTINGS[name]
     if authors:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -145,7 +150,7 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
         batch = {k: v.to(trainer.device) if k == "views" else v for k, v in batch.items()}
         cuda = trainer.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        attention = sdpa_kernel(SDPBackend.MATH) if authors else contextlib.nullcontext()
+        attention = attention_kernel(kernel)
         with attention:
             start = time.perf_counter()
             trainer.train_step(batch)
@@ -170,10 +175,26 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     steps_per_s = args.steps / elapsed
     return {"kind": "train", "setting": name, "precision": precision, "gradient_checkpointing": checkpointing,
-            "compile": compile_mode, "attention": "math" if authors else "sdpa default",
+            "compile": compile_mode, "attention": kernel or "sdpa default",
             "numerics": numerics_flags(), "steps_per_s": steps_per_s, "crops_per_s": steps_per_s * args.batch,
             "views_per_s": steps_per_s * args.batch * 2, "peak_memory_mb": memory, "first_step_s": first_step_s,
             "warmup_s": warmup_s, **profile}
+
+
+def attention_kernel(kernel: Optional[str]) -> Any:
+    """Context in which SDPA uses ``kernel``: None leaves SDPA's choice, "math" forces the explicit path, "cudnn"
+    puts cuDNN's kernel first (SDPA falls back to the next one where cuDNN does not take the inputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if kernel is None:
+        return contextlib.nullcontext()
+    if kernel == "math":
+        return sdpa_kernel(SDPBackend.MATH)
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without priorities: the first usable of the list
+        return sdpa_kernel(order)
 
 
 def profile_steps(trainer: Any, batch: Dict[str, Any], steps: int, sync: Any) -> Dict[str, Any]:

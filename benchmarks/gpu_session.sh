@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's benchmarks in about 540 s of wall time: the machine, bench_pretrain.py (smit_small, 96^3,
 # batch 6, by priority: authors-equivalent fp32, bf16 (the default), bf16 + torch.compile with CUDA graphs, bf16 +
-# torch.compile, the loader with 8 and 4 workers, fp32), bench_network.py when NETWORK_S is set (bf16, 96^3 and
-# 128^3; its figures are in the README already) and, when COLLAPSE_S is set,
-# bench_collapse.py (400 steps of smit_small on phantoms, the settings of COLLAPSE_SETTINGS side by side: by default
+# torch.compile, the loader with 8 and 4 workers, bf16 with cuDNN attention, bf16 with math attention, fp32),
+# bench_network.py when NETWORK_S is set (bf16, 96^3 and 128^3; its figures are in the README already) and, when
+# COLLAPSE_S is set, bench_collapse.py (400 steps of smit_small on phantoms, the settings of COLLAPSE_SETTINGS side by side: by default
 # the authors' teacher temperature 0.07 next to the default 0.04; teacher entropy, spread and every loss term), then
 # benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
 # left of the session, and one failing part does not stop the next.
@@ -31,7 +31,7 @@ SESSION_S=${SESSION_S:-$( ((DRY_RUN)) && echo 600 || echo 540)}
 PRETRAIN_S=${PRETRAIN_S:-500}
 NETWORK_S=${NETWORK_S:-$( ((DRY_RUN)) && echo 200 || echo 0)}
 COLLAPSE_S=${COLLAPSE_S:-0}
-PRETRAIN_SETTINGS=${PRETRAIN_SETTINGS:-authors,bf16,bf16+compile+graphs,bf16+compile,fp32}
+PRETRAIN_SETTINGS=${PRETRAIN_SETTINGS:-authors,bf16,bf16+compile+graphs,bf16+compile,bf16+cudnn,bf16+math,fp32}
 LOADER_WORKERS=${LOADER_WORKERS:-8,4}
 COLLAPSE_SETTINGS=${COLLAPSE_SETTINGS:-authors_temp=--teacher_temp_end 0.07;default=}
 BENCH_PRETRAIN_ARGS=${BENCH_PRETRAIN_ARGS:-}
