@@ -3,10 +3,10 @@
 # batch 6, by priority: authors-equivalent fp32, bf16 (the default), bf16 + torch.compile with CUDA graphs, bf16 +
 # torch.compile, the loader with 8 and 4 workers, bf16 with cuDNN attention, bf16 with math attention, fp32),
 # bench_network.py when NETWORK_S is set (bf16, 96^3 and 128^3; its figures are in the README already) and, when
-# COLLAPSE_S is set, bench_collapse.py (400 steps of smit_small on phantoms, the settings of COLLAPSE_SETTINGS side by side: by default
-# the authors' teacher temperature 0.07 next to the default 0.04; teacher entropy, spread and every loss term), then
-# benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what is
-# left of the session, and one failing part does not stop the next.
+# COLLAPSE_S is set, bench_collapse.py (400 steps of smit_small on phantoms, the settings of COLLAPSE_SETTINGS side
+# by side: by default the authors' teacher temperature 0.07 next to the default 0.04; teacher entropy, spread and
+# every loss term), then benchmarks/gpu_extra.sh if that file exists. Every part runs under `timeout`, capped by what
+# is left of the session, and one failing part does not stop the next.
 #
 #     OUT=/path/to/folder bash benchmarks/gpu_session.sh     # on the GPU machine, from the repository root
 #     DRY_RUN=1 bash benchmarks/gpu_session.sh               # the same parts on the CPU with tiny settings
