@@ -35,12 +35,13 @@ class EncoderOutput:
         merged: the output of each stage's patch merging, stage i of shape
             (B, 2C * 2**i, D / 2**(i+2), ...), a channels-first view of channels-last memory (not contiguous).
             ``merged[2]`` (8C channels at 1/16) is the SMIT distillation tap, ``merged[3]`` the raw bottleneck.
-        bottleneck: (B, 16C, D/32, H/32, W/32), the decoder's deepest input.
+        bottleneck: (B, 16C, D/32, H/32, W/32), the decoder's deepest input; None when the forward pass stopped
+            before the last stage (``num_stages`` < 4).
     """
 
     features: List[torch.Tensor]
     merged: List[torch.Tensor]
-    bottleneck: torch.Tensor
+    bottleneck: Optional[torch.Tensor]
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -364,11 +365,16 @@ class SwinEncoder(nn.Module):
         token_mask: Optional[torch.Tensor] = None,
         mask_token: Optional[torch.Tensor] = None,
         with_features: bool = True,
+        num_stages: int = 4,
     ) -> EncoderOutput:
         """x: (B, C_in, D, H, W). token_mask: bool (B, D/2, H/2, W/2), True where the patch token is replaced by
         ``mask_token`` (1, 1, C) after the patch embedding and its norm (masked image modelling).
         ``with_features=False`` leaves ``features`` empty (pretraining reads only ``merged`` and ``bottleneck``;
-        the four normalised, channels-first copies of the stage outputs are then not made)."""
+        the four normalised, channels-first copies of the stage outputs are then not made). ``num_stages`` < 4
+        runs only the first stages (blocks and merge) and returns no bottleneck (a pretraining teacher reads only
+        the stage-2 merge)."""
+        if not 1 <= num_stages <= len(self.layers):
+            raise ValueError(f"num_stages must lie in [1, {len(self.layers)}], got {num_stages}.")
         if x.ndim != 5:
             raise InputShapeError(f"SMIT expects a 5-D input (B, C, D, H, W); got shape {tuple(x.shape)}.")
         self.check_input_size(x.shape[2:])
@@ -385,7 +391,7 @@ class SwinEncoder(nn.Module):
         features: List[torch.Tensor] = []
         merged: List[torch.Tensor] = []
         monai_outputs = self.config.stage_outputs == "monai"
-        for i, stage in enumerate(self.layers):
+        for i, stage in enumerate(self.layers[:num_stages]):
             if monai_outputs and with_features:
                 features.append(_channels_first(F.layer_norm(tokens, tokens.shape[-1:])))
             tokens = stage.run_blocks(tokens)
@@ -393,7 +399,9 @@ class SwinEncoder(nn.Module):
                 features.append(_channels_first(getattr(self, f"norm{i}")(tokens)))
             tokens = stage.downsample(tokens)
             merged.append(tokens.permute(0, 4, 1, 2, 3))  # a view: the tap reads it back as tokens without a copy
-        if monai_outputs:
+        if num_stages < len(self.layers):
+            bottleneck = None
+        elif monai_outputs:
             bottleneck = _channels_first(F.layer_norm(tokens, tokens.shape[-1:]))
         else:
             bottleneck = _channels_first(tokens)

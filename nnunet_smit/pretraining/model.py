@@ -162,9 +162,10 @@ class StudentNetwork(nn.Module):
             patch_index: long (M,) tap tokens whose patch logits are wanted, as rows of the (N * T) tap tokens
                 (view-major, T = D/16 * H/16 * W/16 per view, see :func:`masked_tap_index`), or None.
         """
+        # Only the reconstruction reads the last stage: without it (the teacher) the encoder stops at the tap.
         out = self.encoder(
             views, token_mask=token_mask, mask_token=self.mask_token if token_mask is not None else None,
-            with_features=False,
+            with_features=False, num_stages=4 if self.recon_head is not None else TAP_STAGE + 1,
         )
         result = StudentOutput()
         need_tap = self.global_head is not None or self.patch_head_enabled or self.global_token_wanted

@@ -47,6 +47,20 @@ def test_non_cubic_inputs_give_all_scales(shape, legacy):
     assert enc.merged[2].shape == (1, 96, *[s // 16 for s in shape])
 
 
+def test_stopping_after_the_tap_stage_gives_the_same_merges_and_no_bottleneck():
+    torch.manual_seed(0)
+    enc = SwinEncoder(SMITConfig.preset("tiny")).eval()
+    x = torch.randn(2, 1, 64, 64, 64)
+    with torch.no_grad():
+        full = enc(x, with_features=False)
+        short = enc(x, with_features=False, num_stages=3)
+    assert short.bottleneck is None and len(short.merged) == 3
+    for a, b in zip(short.merged, full.merged):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_stages"):
+        enc(x, num_stages=0)
+
+
 def test_smallest_input_runs_through_the_encoder():
     enc = SwinEncoder(SMITConfig.preset("tiny")).eval()
     with torch.no_grad():
