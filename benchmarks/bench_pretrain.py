@@ -40,7 +40,8 @@ graph may be invisible to the profiler, so the busy time of the CUDA-graphs sett
 
 Without ``--cache`` a phantom corpus is generated and cached in a temporary folder first. ``--budget_s`` bounds the
 whole run: settings are run by priority (authors, the default, the compiled settings, the loader, then the rest) and
-those that no longer fit are reported as skipped; the JSON is rewritten after every subprocess, so a killed run leaves its figures.
+those that no longer fit are reported as skipped; the JSON is rewritten after every subprocess, so a killed run
+leaves its figures.
 """
 from __future__ import annotations
 

@@ -62,10 +62,6 @@ from nnunet_smit.pretraining.discovery import Source, discover_sources
 
 logger = logging.getLogger(__name__)
 
-
-class CacheBuildInterrupted(Exception):
-    """SIGINT or SIGTERM stopped a cache build; the message says how many scans are cached and how to go on."""
-
 PathLike = Union[str, Path]
 
 CACHE_FORMAT = "nnunet_smit.pretrain_cache"
@@ -272,6 +268,10 @@ def _settings(preprocessing: PretrainPreprocessing) -> Dict[str, Any]:
 
 def _normalise_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
+
+
+class CacheBuildInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a cache build; the message says how many scans are cached and how to go on."""
 
 
 def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preprocessing: PretrainPreprocessing,
@@ -565,13 +565,13 @@ class CacheIndex:
         Opens the file on every call (memory-mapped, one decompression thread), so it is safe in any process.
         """
         import blosc2
-
         import torch
 
         array = blosc2.open(str(self.path(case_id)), mode="r", mmap_mode="r", dparams={"nthreads": 1})
         data = np.ascontiguousarray(array[region if region is not None else ...])
-        # The same values as numpy's float16 -> float32 conversion, about 3x faster (vectorised in torch).
-        return torch.from_numpy(data).float().numpy() if data.dtype == np.float16 else data.astype(np.float32, copy=False)
+        if data.dtype == np.float16:  # the same values as numpy's conversion, about 3.7x faster (vectorised)
+            return torch.from_numpy(data).float().numpy()
+        return data.astype(np.float32, copy=False)
 
     def summary(self) -> Dict[str, Any]:
         """JSON-able description for checkpoint metadata."""

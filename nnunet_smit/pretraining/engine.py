@@ -377,7 +377,7 @@ class PretrainTrainer:
         self.log_path = self.output_dir / "log.jsonl"
         self.plot_dir = self.output_dir / "plots"
         self._stop_signal: Optional[str] = None
-        self._flag_group: Optional[Any] = None  # the CPU group of _sync_flags (None: the default group is gloo)
+        self._flag_group: Optional[Any] = None  # _sync_flags' CPU group (made at first use unless the default is gloo)
         self._last_checkpoint_time = time.monotonic()
         self._last_saved_step: Optional[int] = None  # the step checkpoint_latest.pt holds
 
