@@ -380,6 +380,7 @@ class PretrainTrainer:
         self._flag_group: Optional[Any] = None  # _sync_flags' CPU group (made at first use unless the default is gloo)
         self._last_checkpoint_time = time.monotonic()
         self._last_saved_step: Optional[int] = None  # the step checkpoint_latest.pt holds
+        self._finite_at_step: Optional[int] = None  # the last step whose weights check_diverged found finite
 
         if config.deterministic and self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -551,8 +552,12 @@ class PretrainTrainer:
         return bool(torch.isfinite(torch.stack(norms)).all())
 
     def check_diverged(self, last_losses: Optional[Dict[str, Any]] = None) -> None:
-        """Raise :class:`TrainingDiverged` when the weights are no longer finite, saying what is kept."""
+        """Raise :class:`TrainingDiverged` when the weights are no longer finite, saying what is kept (read once per
+        step: a step that logs and saves checks once)."""
+        if self._finite_at_step == self.step:
+            return
         if self.weights_finite():
+            self._finite_at_step = self.step
             return
         saved = (f"{self.checkpoint_path} still holds step {self._last_saved_step}, the last state saved before"
                  if self._last_saved_step is not None else "no checkpoint was saved before it")

@@ -200,6 +200,14 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path
     assert rerun.step == 8 and rerun.weights_finite()
 
 
+def test_the_weights_are_read_back_once_per_step_that_logs_saves_and_exports(cache, tmp_path, monkeypatch):
+    trainer = PretrainTrainer(tiny_config(max_steps=3, checkpoint_every_steps=1, log_every_steps=1), cache, tmp_path)
+    checked_at, original = [], trainer.weights_finite
+    monkeypatch.setattr(trainer, "weights_finite", lambda: checked_at.append(trainer.step) or original())
+    trainer.fit()
+    assert checked_at == [1, 2, 3]
+
+
 def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_last_one(cache, tmp_path,
                                                                                            monkeypatch):
     import errno
