@@ -200,6 +200,21 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path
     assert rerun.step == 8 and rerun.weights_finite()
 
 
+def test_a_compiled_student_runs_eagerly_in_the_first_step(cache, tmp_path):
+    # As under DDP with --compile: traced while the first step fills the shift-mask caches, the student would be
+    # compiled a second time at the next step.
+    trainer = PretrainTrainer(tiny_config(max_steps=3), cache, tmp_path)
+    eager, compiled_at = trainer._eager_student_fn, []
+
+    def compiled(*args, **kwargs):
+        compiled_at.append(trainer.step)
+        return eager(*args, **kwargs)
+
+    trainer.student_fn = compiled
+    trainer.fit()
+    assert compiled_at == [1, 2]
+
+
 def test_the_weights_are_read_back_once_per_step_that_logs_saves_and_exports(cache, tmp_path, monkeypatch):
     trainer = PretrainTrainer(tiny_config(max_steps=3, checkpoint_every_steps=1, log_every_steps=1), cache, tmp_path)
     checked_at, original = [], trainer.weights_finite
