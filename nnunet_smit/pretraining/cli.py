@@ -205,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
     from nnunet_smit.pretraining.cache import CacheBuildInterrupted
-    from nnunet_smit.pretraining.engine import TrainingInterrupted
+    from nnunet_smit.pretraining.engine import TrainingInterrupted, describe_os_error
 
     try:
         path = run(args)
@@ -218,6 +218,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CacheBuildInterrupted as interrupted:
         print(interrupted, file=sys.stderr)
         return 130
+    except OSError as error:  # the file system refused a write (a file in the path, a full disk, permissions)
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last saved checkpoint, if one was written.",
               file=sys.stderr)

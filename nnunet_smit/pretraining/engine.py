@@ -277,6 +277,13 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line for a file-system error: what failed, on which path."""
+    what = error.strerror or type(error).__name__
+    path = error.filename if error.filename is not None else "a file"
+    return f"cannot write {path} ({what}); check the path and the free space."
+
+
 def share_outcome(error: Optional[str]) -> Optional[str]:
     """Wait (for hours if need be, e.g. while rank 0 builds the cache) and share rank 0's error message, if any."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -1079,15 +1086,17 @@ def run_pretraining(
     try:
         error: Optional[str] = None
         if info.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
             workers = cache_workers if cache_workers is not None else min(os.cpu_count() or 1, 8)
             try:
+                output_dir.mkdir(parents=True, exist_ok=True)
                 build_cache(
                     [Path(s) for s in sources], cache_dir, preprocessing,
                     min_shape=(config.view_size,) * 3, num_workers=workers, progress=config.progress,
                 )
             except SMITError as failure:
                 error = str(failure)
+            except OSError as failure:  # a folder that cannot be made or written (a file in the path, a full disk)
+                error = describe_os_error(failure)
         error = share_outcome(error)
         if error is not None:
             raise SMITError(error)

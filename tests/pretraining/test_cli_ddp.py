@@ -215,3 +215,16 @@ def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path_fac
     assert any(line.startswith("pretraining interrupted (SIGTERM)") for line in stops)
     assert any(line.startswith("pretraining interrupted (signal on another process)") for line in stops)
     assert torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=True)["step"] == step
+
+
+@pytest.mark.parametrize("demo", [False, True])
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys, demo):
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "run"
+    code = main(["--demo" if demo else "-d", *([] if demo else [str(data)]), "-o", str(out), *TINY_ARGS])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith("error: cannot write ") and "Traceback" not in captured.err
+    assert "(Not a directory); check the path and the free space." in captured.err
+    assert captured.err.count("\n") == 1
