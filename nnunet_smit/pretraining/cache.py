@@ -305,6 +305,10 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
     if len(min_shape) != 3 or min(min_shape) < 1:
         raise SMITError(f"min_shape must be three positive integers (z, y, x), got {min_shape}.")
     cache = Path(cache_dir).absolute()
+    for root in source_roots:  # discovery skips the cache folder: it must not hold an input folder
+        if Path(root).resolve().is_relative_to(cache.resolve()):
+            raise SMITError(f"the cache folder {cache} is or contains the input folder {root}; choose a cache folder "
+                            f"outside the input folders (--cache_dir).")
     cases = cache / _CASES
     cases.mkdir(parents=True, exist_ok=True)
     settings = _normalise_json(_settings(preprocessing))

@@ -413,3 +413,15 @@ def test_sigterm_stops_the_build_after_the_scans_in_progress_and_a_rerun_goes_on
     index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
     assert len(index.case_ids) == 6
     assert all((cases / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # not recomputed
+
+
+def test_a_cache_folder_that_is_or_holds_an_input_folder_is_refused_before_writing(tmp_path):
+    raw = tmp_path / "raw"
+    write_image(raw / "ct.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    for cache_dir in (raw, tmp_path):
+        with pytest.raises(SMITError, match=r"is or contains the input folder .*; choose a cache folder outside"):
+            build_cache([raw], cache_dir, PREPROCESSING, min_shape=MIN_SHAPE)
+    assert sorted(p.name for p in raw.iterdir()) == ["ct.nii.gz"] and not (tmp_path / "manifest.json").exists()
+    # A cache inside an input folder is fine: discovery skips it.
+    index = build_cache([raw], raw / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    assert len(index.case_ids) == 1
