@@ -76,9 +76,12 @@ class ViewSampling:
 
     def __post_init__(self) -> None:
         self.view_size = tuple(int(v) for v in self.view_size)  # type: ignore[assignment]
-        self.region_size = tuple(max(int(r), int(v)) for r, v in zip(self.region_size, self.view_size))  # type: ignore[assignment]
+        self.region_size = tuple(int(r) for r in self.region_size)  # type: ignore[assignment]
         if len(self.view_size) != 3 or any(v <= 0 or v % 32 for v in self.view_size):
             raise SMITError(f"view size must be three multiples of 32 voxels, got {self.view_size}.")
+        if len(self.region_size) != 3 or any(r < v for r, v in zip(self.region_size, self.view_size)):
+            raise SMITError(f"region size {self.region_size} must be at least the view size {self.view_size} on "
+                            "every axis (both views are cut from the region).")
         if self.num_views < 1:
             raise SMITError("at least one view per scan is needed.")
 

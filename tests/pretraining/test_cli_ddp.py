@@ -94,6 +94,8 @@ def test_negative_loss_weight_is_a_one_line_error(tmp_path, capsys):
     (["--max_steps", "0"], "max_steps must be at least 1 (or unset), got 0."),
     (["--mask_cube_size", "24"], "is not a multiple of the 24-voxel mask cube"),
     (["--no_dino", "--no_ibot", "--no_reconstruction"], "All pretraining objectives are switched off"),
+    (["--region_size", "48"], "region_size must be at least the view size 64 (both views are cut from the region)"),
+    (["--mask_ratio", "0"], "mask ratio 0.0 masks no 16^3 cube of a 64^3 view, so iBOT and reconstruction would"),
 ])
 def test_bad_setting_is_a_one_line_error_before_any_scan_is_read(tmp_path, capsys, option, message):
     # The scans are never read (nor the output folder made): a typo costs no cache building.
