@@ -283,6 +283,23 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def schedule_warnings(config: PretrainConfig) -> List[str]:
+    """Schedules that the run's length cuts short (likely a shortened --epochs with the other defaults kept)."""
+    warnings = []
+    if config.warmup_epochs >= config.epochs:
+        warnings.append(f"the learning-rate warm-up ({config.warmup_epochs:g} epochs) is not shorter than the run "
+                        f"({config.epochs} epochs): the learning rate never reaches its peak; lower --warmup_epochs")
+    if config.teacher_temp_start != config.teacher_temp_end and config.teacher_temp_warmup_epochs > config.epochs:
+        warnings.append(f"the teacher temperature warm-up ({config.teacher_temp_warmup_epochs:g} epochs) is longer "
+                        f"than the run ({config.epochs} epochs): the temperature never reaches "
+                        f"{config.teacher_temp_end:g}; lower --teacher_temp_warmup_epochs")
+    if config.freeze_last_layer_epochs >= config.epochs and (config.weight_dino > 0 or config.weight_ibot > 0):
+        warnings.append(f"the prototypes stay frozen for the whole run (--freeze_last_layer_epochs "
+                        f"{config.freeze_last_layer_epochs} of {config.epochs} epochs): DINO and iBOT cannot learn "
+                        "them; lower --freeze_last_layer_epochs")
+    return warnings
+
+
 def describe_os_error(error: OSError) -> str:
     """One line for a file-system error: what failed, on which path."""
     what = error.strerror or type(error).__name__
@@ -406,6 +423,9 @@ class PretrainTrainer:
         if config.weight_koleo > 0 and config.batch_size < 2 and self.dist.is_main:
             logger.warning("KoLeo compares the scans of one process's batch: with batch size 1 it does nothing; "
                            "use --batch_size 2 or more (or --weight_koleo 0 to silence this).")
+        if self.dist.is_main:
+            for message in schedule_warnings(config):
+                logger.warning("%s", message)
         num_cases = len(source.case_ids)
         if num_cases == 0:
             raise SMITError("no usable scans to pretrain on; check the input folders and the cache's skipped report.")

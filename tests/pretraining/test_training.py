@@ -200,6 +200,21 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path
     assert rerun.step == 8 and rerun.weights_finite()
 
 
+def test_schedules_the_run_cuts_short_are_warned_about(cache, tmp_path, caplog):
+    config = tiny_config(epochs=2, warmup_epochs=3, teacher_temp_end=0.07, teacher_temp_warmup_epochs=5,
+                         freeze_last_layer_epochs=2)
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+        PretrainTrainer(config, cache, tmp_path)
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "the learning-rate warm-up (3 epochs) is not shorter than the run (2 epochs)" in warned
+    assert "the temperature never reaches 0.07" in warned
+    assert "the prototypes stay frozen for the whole run" in warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+        PretrainTrainer(tiny_config(), cache, tmp_path / "fine")
+    assert not [r for r in caplog.records if "epochs" in r.getMessage()]
+
+
 def test_a_compiled_student_runs_eagerly_in_the_first_step(cache, tmp_path):
     # As under DDP with --compile: traced while the first step fills the shift-mask caches, the student would be
     # compiled a second time at the next step.
