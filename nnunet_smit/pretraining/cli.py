@@ -218,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CacheBuildInterrupted as interrupted:
         print(interrupted, file=sys.stderr)
         return 130
-    except OSError as error:  # the file system refused a write (a file in the path, a full disk, permissions)
+    except OSError as error:  # the file system refused (a file in the path, a full disk, permissions)
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -301,10 +301,10 @@ def schedule_warnings(config: PretrainConfig) -> List[str]:
 
 
 def describe_os_error(error: OSError) -> str:
-    """One line for a file-system error: what failed, on which path."""
+    """One line for a file-system error: the path and what went wrong."""
     what = error.strerror or type(error).__name__
     path = error.filename if error.filename is not None else "a file"
-    return f"cannot write {path} ({what}); check the path and the free space."
+    return f"{path}: {what}; check the path, its permissions and the free space."
 
 
 def share_outcome(error: Optional[str]) -> Optional[str]:

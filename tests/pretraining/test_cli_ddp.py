@@ -227,6 +227,6 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, caps
     out = tmp_path / "a_file" / "run"
     code = main(["--demo" if demo else "-d", *([] if demo else [str(data)]), "-o", str(out), *TINY_ARGS])
     captured = capsys.readouterr()
-    assert code == 2 and captured.err.startswith("error: cannot write ") and "Traceback" not in captured.err
-    assert "(Not a directory); check the path and the free space." in captured.err
+    assert code == 2 and captured.err.startswith(f"error: {out}") and "Traceback" not in captured.err
+    assert ": Not a directory; check the path, its permissions and the free space." in captured.err
     assert captured.err.count("\n") == 1
