@@ -162,10 +162,10 @@ class PretrainConfig:
         if self.view_size % encoder.size_divisor:
             raise SMITError(f"view size must be a multiple of {encoder.size_divisor} voxels for preset "
                             f"{self.preset!r}, got {self.view_size}.")
-        masking = CubeMaskGenerator(self.mask_cube_size, self.mask_ratio)
-        masking.grid_shape((self.view_size,) * 3)
+        ViewSampling(view_size=(self.view_size,) * 3, region_size=(self.region_size,) * 3)  # its size checks
+        masked = CubeMaskGenerator(self.mask_cube_size, self.mask_ratio).num_masked((self.view_size,) * 3)
         check_objectives_and_cube(self.objective_weights(), self.mask_cube_size)
-        if (self.weight_ibot > 0 or self.weight_reconstruction > 0) and not masking.num_masked((self.view_size,) * 3):
+        if (self.weight_ibot > 0 or self.weight_reconstruction > 0) and not masked:
             raise SMITError(f"mask ratio {self.mask_ratio} masks no {self.mask_cube_size}^3 cube of a "
                             f"{self.view_size}^3 view, so iBOT and reconstruction would learn nothing; raise it or "
                             "switch them off (--no_ibot --no_reconstruction).")
@@ -191,8 +191,6 @@ class PretrainConfig:
             require(0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         for name in ("head_hidden_dim", "head_bottleneck_dim", "head_out_dim", "head_layers", "log_every_steps"):
             require(getattr(self, name) >= 1, name, "at least 1")
-        require(self.region_size >= self.view_size, "region_size", f"at least the view size {self.view_size} (both "
-                "views are cut from the region)")
         for name in ("checkpoint_every_steps", "preview_every_epochs", "freeze_last_layer_epochs"):
             require(getattr(self, name) >= 0, name, "0 or more")
         require(self.num_workers is None or self.num_workers >= 0, "num_workers", "0 or more (or unset: automatic)")

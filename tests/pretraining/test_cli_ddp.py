@@ -94,7 +94,7 @@ def test_negative_loss_weight_is_a_one_line_error(tmp_path, capsys):
     (["--max_steps", "0"], "max_steps must be at least 1 (or unset), got 0."),
     (["--mask_cube_size", "24"], "is not a multiple of the 24-voxel mask cube"),
     (["--no_dino", "--no_ibot", "--no_reconstruction"], "All pretraining objectives are switched off"),
-    (["--region_size", "48"], "region_size must be at least the view size 64 (both views are cut from the region)"),
+    (["--region_size", "48"], "region size (48, 48, 48) must be at least the view size (64, 64, 64) on every axis"),
     (["--mask_ratio", "0"], "mask ratio 0.0 masks no 16^3 cube of a 64^3 view, so iBOT and reconstruction would"),
 ])
 def test_bad_setting_is_a_one_line_error_before_any_scan_is_read(tmp_path, capsys, option, message):
