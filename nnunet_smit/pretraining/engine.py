@@ -744,11 +744,9 @@ class PretrainTrainer:
 
     def _forward_backward(self, views: torch.Tensor, masks: torch.Tensor, teacher_temp: float, with_preview: bool):
         self.optimizer.zero_grad(set_to_none=True)
-        # A compiled student (under DDP) runs eagerly in the first step, which fills the shift-mask caches: traced
-        # while they fill, it would be compiled a second time at the next step.
-        student = self.student_fn if self.model.shift_masks_cached else self._eager_student_fn
         with self._autocast():
-            out = self.model.compute_losses(views, masks, teacher_temp, student=student, with_preview=with_preview)
+            out = self.model.compute_losses(views, masks, teacher_temp, student=self.student_fn,
+                                            with_preview=with_preview, eager_student=self._eager_student_fn)
         self.scaler.scale(out.total).backward()
         return out
 

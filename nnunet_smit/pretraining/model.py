@@ -330,6 +330,7 @@ class SMITPretrainModel(nn.Module):
         student: Optional[Callable[..., StudentOutput]] = None,
         update_centers: bool = True,
         with_preview: bool = False,
+        eager_student: Optional[Callable[..., StudentOutput]] = None,
     ) -> LossOutput:
         """Forward student and teacher and compute the weighted SMIT loss.
 
@@ -342,6 +343,7 @@ class SMITPretrainModel(nn.Module):
                 ``self.student``.
             update_centers: update the DINO/iBOT centers with this step's teacher outputs.
             with_preview: also return the first view's input, mask and reconstruction (detached, on CPU).
+            eager_student: where ``student`` is compiled (under DDP), its uncompiled form, run in the first step.
 
         Returns:
             :class:`LossOutput` with the total loss and the unweighted terms ``dino``, ``ibot``, ``reconstruction``
@@ -363,9 +365,11 @@ class SMITPretrainModel(nn.Module):
         )
         temperature = torch.full((), float(teacher_temp), dtype=torch.float32, device=device)
 
-        # Eager also for the first step of a compiled run: it fills the encoders' shift-mask caches, which a graph
-        # traced before would have to be traced again for (a second compilation of the whole step).
+        # Eager also for the first step of a compiled run (the losses or the student): it fills the encoders'
+        # shift-mask caches, which a graph traced before would have to be traced again for (a second compilation).
         eager = self.compiled_losses is None or not self.shift_masks_cached
+        if not self.shift_masks_cached and eager_student is not None:
+            student = eager_student
         # CUDA graphs ("reduce-overhead") reuse their output memory at the next replay: a new step begins here, and
         # what outlives the step (logged terms, teacher probabilities, the preview) is copied.
         graphs = not eager and self.compiled_with_graphs
