@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="random seed (0)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (on CPU an interrupted and resumed run matches an uninterrupted one)")
-    parser.add_argument("--checkpoint_every_steps", type=int, help="write checkpoint_latest every N steps (500)")
-    parser.add_argument("--checkpoint_every_minutes", type=float, help="... and at least every M minutes (15)")
+    parser.add_argument("--checkpoint_every_steps", type=int,
+                        help="write checkpoint_latest every N steps (500; 0: not by step count)")
+    parser.add_argument("--checkpoint_every_minutes", type=float,
+                        help="... and at least every M minutes (15; 0: not by the clock)")
     parser.add_argument("--log_every_steps", type=int, help="log interval in steps (10)")
     parser.add_argument("--preview_every_epochs", type=int, help="reconstruction preview interval (1)")
     parser.add_argument("--export", choices=("teacher", "student"), help="which encoder to export (teacher)")

@@ -895,11 +895,9 @@ class PretrainTrainer:
                 if (epoch_end or last) and self.dist.is_main:
                     self._epoch_outputs(epoch, out.preview)
                 step_due = bool(config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
-                due = (
-                    step_due
-                    or time.monotonic() - self._last_checkpoint_time > 60.0 * config.checkpoint_every_minutes
-                    or epoch_end
-                )
+                minutes = config.checkpoint_every_minutes
+                clock_due = bool(minutes and time.monotonic() - self._last_checkpoint_time > 60.0 * minutes)
+                due = step_due or clock_due or epoch_end
                 stop, due = self._sync_flags(due)
                 if stop or last or due:
                     self.save_checkpoint()

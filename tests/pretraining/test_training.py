@@ -238,6 +238,17 @@ def test_the_weights_are_read_back_once_per_step_that_logs_saves_and_exports(cac
     assert checked_at == [1, 2, 3]
 
 
+def test_zero_intervals_turn_periodic_checkpoints_off(cache, tmp_path, monkeypatch):
+    # 0 minutes, like 0 steps, means no checkpoint by that measure (it meant one after every step): within an epoch
+    # of 4 steps a 3-step run saves only at its end.
+    trainer = PretrainTrainer(tiny_config(max_steps=3, checkpoint_every_steps=0, checkpoint_every_minutes=0),
+                              cache, tmp_path)
+    saved_at, save = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: saved_at.append(trainer.step) or save())
+    trainer.fit()
+    assert saved_at == [3]
+
+
 def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_last_one(cache, tmp_path,
                                                                                            monkeypatch):
     import errno
