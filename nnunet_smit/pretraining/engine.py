@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import ipaddress
 import json
 import logging
 import os
 import random
 import resource
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -269,6 +271,36 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device(requested)
 
 
+def check_gloo_address(environ: Optional[Dict[str, str]] = None) -> None:
+    """Refuse a run over several nodes whose gloo groups would bind to a loopback address.
+
+    The processes coordinate through gloo groups beside NCCL (rank 0's outcome of the cache build, the agreement on
+    stopping). Without ``GLOO_SOCKET_IFNAME`` gloo binds to the address this node's name resolves to first, or to
+    the loopback address when it resolves to none; a loopback address (127.0.1.1 in many /etc/hosts files) cannot
+    be reached from the other nodes, and their connection attempts go on until the group's timeout (hours).
+    A torchrun job is over several nodes when WORLD_SIZE exceeds LOCAL_WORLD_SIZE; without LOCAL_WORLD_SIZE (a
+    launcher other than torchrun) nothing is checked.
+    """
+    environ = os.environ if environ is None else environ
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    local_world_size = int(environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if world_size <= local_world_size or environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    hostname = socket.gethostname()
+    try:
+        address: Optional[str] = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError):
+        address = None
+    if address is not None and not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        return
+    resolved = f"resolves to the loopback address {address}" if address else "does not resolve to an address"
+    raise SMITError(
+        f"this node's name {hostname!r} {resolved}, so the other nodes could not reach its gloo groups (which "
+        "coordinate the processes) and the run would hang until their timeout; set GLOO_SOCKET_IFNAME "
+        "to the network interface that reaches the other nodes (the one `ip route get $MASTER_ADDR` names, e.g. "
+        "GLOO_SOCKET_IFNAME=eth0) on every node.")
+
+
 def init_distributed(requested_device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (single process when it does not)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -276,6 +308,7 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = select_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
+        check_gloo_address()
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
