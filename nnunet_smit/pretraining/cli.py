@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help=f"generate {DEMO_CASES} CT-like phantoms into OUT/demo_data and pretrain the tiny preset")
     parser.add_argument("--preset", help="encoder preset (default smit_small; tiny for CPU tests)")
+    parser.add_argument("--init_encoder", metavar="FILE",
+                        help="start student and teacher encoders from these weights instead of random ones (an "
+                             "smit_pretrain export, the authors' pre_train_weight.pt, MONAI's SwinViT weights); "
+                             "their architecture must be the preset's")
     parser.add_argument("--max_steps", type=int, help="stop after N optimisation steps and export")
     parser.add_argument("--epochs", type=int, help="epochs of the full schedule (default 500)")
     parser.add_argument("--samples_per_epoch", type=int, help="samples per epoch (default: number of scans)")
@@ -156,6 +160,8 @@ def config_from_args(args: argparse.Namespace):
         values["compile"] = True
     if args.shared_patch_head:
         values["separate_patch_head"] = False
+    if args.init_encoder:
+        values["init_encoder"] = str(Path(args.init_encoder).expanduser().resolve())
     if args.no_progress:
         values["progress"] = False
     return PretrainConfig(**values)

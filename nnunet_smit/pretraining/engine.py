@@ -39,7 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from nnunet_smit.architectures import SMITConfig
-from nnunet_smit.checkpoint import atomic_write, save_encoder_checkpoint, state_dict_sha256
+from nnunet_smit.checkpoint import (
+    EncoderCheckpoint, atomic_write, load_encoder_checkpoint, load_encoder_weights, save_encoder_checkpoint,
+    state_dict_sha256,
+)
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.cli import COMPILE_MODES
@@ -84,6 +87,8 @@ class PretrainConfig:
     # Encoder
     preset: str = "smit_small"
     encoder_overrides: Dict[str, Any] = field(default_factory=dict)
+    # Encoder weights a new run starts from (student and teacher) instead of random ones; not read when resuming.
+    init_encoder: Optional[str] = None
     # Views and masking
     view_size: int = 96
     region_size: int = 128
@@ -216,6 +221,31 @@ class PretrainConfig:
     def training_fields(self) -> Dict[str, Any]:
         """The fields a resumed run must share with the checkpoint."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+# Encoder settings that shape no weight and no output of a trained encoder (stochastic depth acts in training only).
+TRAINING_ONLY_ENCODER_FIELDS = frozenset({"drop_path_rate"})
+
+
+def encoder_differences(found: SMITConfig, wanted: SMITConfig) -> List[str]:
+    """The architecture settings in which ``found`` is not ``wanted``, as "name found instead of wanted"."""
+    a, b = found.to_dict(), wanted.to_dict()
+    return [f"{k} {a.get(k)} instead of {b[k]}" for k in b
+            if k not in TRAINING_ONLY_ENCODER_FIELDS and a.get(k) != b[k]]
+
+
+def load_init_encoder(config: PretrainConfig) -> EncoderCheckpoint:
+    """The encoder weights ``config.init_encoder`` names (any file fine-tuning reads), or one line saying why they
+    cannot start this run: unreadable, or an architecture other than the run's encoder (with the preset that fits)."""
+    checkpoint = load_encoder_checkpoint(config.init_encoder)
+    differences = encoder_differences(checkpoint.config, config.encoder_config())
+    if differences:
+        fitting = [name for name in SMITConfig.preset_names()
+                   if not encoder_differences(checkpoint.config, SMITConfig.preset(name))]
+        hint = f"pass --preset {fitting[0]}" if fitting else "no preset has its architecture"
+        raise SMITError(f"--init_encoder {config.init_encoder} holds another encoder than the run's preset "
+                        f"{config.preset!r} ({'; '.join(differences[:4])}): {hint}.")
+    return checkpoint
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -836,10 +866,11 @@ class PretrainTrainer:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.load_checkpoint()
+        start = self._start_from_init_encoder() if not resumed and self.config.init_encoder else {}
         if self.dist.is_main:
             self._write_config()
             self._log({"event": "resume" if resumed else "start", "step": self.step, "total_steps": self.total_steps,
-                       "stop_step": self.stop_step, "world_size": self.dist.world_size})
+                       "stop_step": self.stop_step, "world_size": self.dist.world_size, **start})
         if self.step >= self.stop_step:
             logger.info("step %d reached already; exporting.", self.step)
             return self.export()
@@ -858,6 +889,25 @@ class PretrainTrainer:
             torch.use_deterministic_algorithms(deterministic_before)
             self._restore_signal_handlers(previous)
         return self.export()
+
+    def _start_from_init_encoder(self) -> Dict[str, Any]:
+        """Load ``init_encoder`` strictly into the student's encoder and copy it to the teacher's (every process
+        reads the file); returns what the start record of the log keeps of it."""
+        checkpoint = load_init_encoder(self.config)
+        report = load_encoder_weights(self.model.student.encoder, checkpoint.state_dict, strict=True)
+        if self.model.teacher is not None:
+            self.model.teacher.encoder.load_state_dict(self.model.student.encoder.state_dict())
+        if self.dist.is_main:
+            logger.info("student and teacher encoders start from %s (%s, sha256 %s): %s", checkpoint.path,
+                        checkpoint.source, checkpoint.sha256[:16], report.summary())
+            # Files from elsewhere record no preprocessing (the authors' defaults are assumed for them).
+            theirs, ours = checkpoint.preprocessing.to_dict(), self.preprocessing.to_dict()
+            changed = [f"{k} {theirs[k]} there, {ours[k]} here" for k in ours if theirs.get(k) != ours[k]]
+            if changed and checkpoint.source == "nnunet_smit":
+                logger.warning("the --init_encoder weights were pretrained on differently prepared scans (%s): their "
+                               "filters meet other intensities or scales at first.", "; ".join(changed))
+        return {"init_encoder": {"path": checkpoint.path, "source": checkpoint.source, "sha256": checkpoint.sha256,
+                                 "tensors": report.loaded, "notes": checkpoint.notes}}
 
     def _raise_loader_failure(self, error: BaseException) -> None:
         """A data-loader failure as a one-line :class:`SMITError` saying which state is kept; other errors return.
@@ -1032,7 +1082,10 @@ class PretrainTrainer:
             dist.all_gather_object(gathered, checksums)
             ranks_checksums = gathered
         if self.dist.is_main:
-            last = [r for r in _read_records(self.log_path) if r.get("event") == "train"][-1:]
+            records = _read_records(self.log_path)
+            last = [r for r in records if r.get("event") == "train"][-1:]
+            init = next((r["init_encoder"] for r in records if r.get("event") == "start" and "init_encoder" in r),
+                        None)
             summary = {
                 "kind": "smit_pretraining",
                 "exported": which,
@@ -1045,6 +1098,7 @@ class PretrainTrainer:
                 "last_log": last[0] if last else None,
                 "objectives": self.model.weights.enabled(),
                 "pretrain_config": self.config.to_dict(),
+                "init_encoder": init,
                 "data": self.data_summary,
                 "weights_checksums_per_rank": ranks_checksums,
             }
@@ -1141,6 +1195,9 @@ def run_pretraining(
         if info.is_main:
             workers = cache_workers if cache_workers is not None else min(os.cpu_count() or 1, 8)
             try:
+                # Weights a new run starts from are checked before hours of cache building.
+                if config.init_encoder and not (output_dir / CHECKPOINT_NAME).exists():
+                    load_init_encoder(config)
                 output_dir.mkdir(parents=True, exist_ok=True)
                 build_cache(
                     [Path(s) for s in sources], cache_dir, preprocessing,

@@ -109,6 +109,28 @@ def test_bad_setting_is_a_one_line_error_before_any_scan_is_read(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_init_encoder_that_cannot_start_the_run_is_a_one_line_error_before_any_scan_is_read(tmp_path, capsys):
+    from nnunet_smit.architectures import SMITConfig
+    from nnunet_smit.architectures.swin_encoder import SwinEncoder
+    from nnunet_smit.checkpoint import save_encoder_checkpoint
+    from nnunet_smit.conventions import PretrainPreprocessing
+
+    data = tmp_path / "scans"
+    data.mkdir()
+    (data / "broken.nii.gz").write_bytes(b"not a scan")
+    small = SMITConfig.preset("smit_small")
+    save_encoder_checkpoint(tmp_path / "small.pt", SwinEncoder(small).state_dict(), small, PretrainPreprocessing())
+    for weights, message in ((tmp_path / "small.pt", "holds another encoder than the run's preset 'tiny' (embed_dim "
+                                                     "48 instead of 12; depths [2, 2, 4, 2] instead of [2, 2, 2, 2]"),
+                             (tmp_path / "nowhere.pt", "nowhere.pt does not exist")):
+        code = main(["-d", str(data), "-o", str(tmp_path / "out"), *TINY_ARGS, "--init_encoder", str(weights)])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+        assert message in captured.err
+        assert not (tmp_path / "out").exists()
+        assert captured.err.endswith(": pass --preset smit_small.\n") == (weights.name == "small.pt")
+
+
 def test_folder_without_scans_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no scans here")

@@ -454,3 +454,76 @@ def test_scans_added_between_runs_are_sampled_and_the_schedules_go_on(cache, tmp
     assert resumed.samples_per_epoch == before and resumed.total_steps == first.total_steps
     assert resumed.schedules.lr(3) == first.schedules.lr(3)
     assert resumed.step == 4
+
+
+def test_a_new_run_starts_both_encoders_from_init_encoder_and_records_it(uninterrupted, cache, tmp_path):
+    _, exported = uninterrupted
+    start = load_encoder_checkpoint(exported)
+    trainer = PretrainTrainer(tiny_config(max_steps=1, init_encoder=str(exported)), cache, tmp_path)
+    seen = {}
+    original = trainer._start_from_init_encoder
+
+    def start_and_look():
+        record = original()
+        seen["student"] = {k: v.clone() for k, v in trainer.model.student.encoder.state_dict().items()}
+        seen["teacher"] = {k: v.clone() for k, v in trainer.model.teacher.encoder.state_dict().items()}
+        return record
+
+    trainer._start_from_init_encoder = start_and_look
+    trainer.fit()
+    for side in ("student", "teacher"):
+        assert seen[side].keys() == start.state_dict.keys()
+        assert all(torch.equal(seen[side][k], start.state_dict[k]) for k in start.state_dict), side
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert first["event"] == "start"
+    assert first["init_encoder"]["sha256"] == start.sha256 and first["init_encoder"]["tensors"] == len(start.state_dict)
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["init_encoder"]["path"] == str(exported) and summary["init_encoder"]["source"] == "nnunet_smit"
+
+
+def test_init_encoder_is_not_read_when_the_run_resumes(uninterrupted, cache, tmp_path):
+    _, exported = uninterrupted
+    copy = tmp_path / "start.pt"
+    copy.write_bytes(exported.read_bytes())
+    config = tiny_config(max_steps=1, init_encoder=str(copy))
+    PretrainTrainer(config, cache, tmp_path / "run").fit()
+    copy.unlink()  # moved away after the start: resuming needs the run's own checkpoint only
+    resumed = PretrainTrainer(tiny_config(max_steps=2, init_encoder=str(copy)), cache, tmp_path / "run")
+    resumed.fit()
+    assert resumed.step == 2
+
+
+def test_init_encoder_of_another_architecture_is_refused_naming_the_preset_that_fits(uninterrupted, tmp_path):
+    from nnunet_smit.pretraining.engine import load_init_encoder
+
+    _, exported = uninterrupted
+    with pytest.raises(SMITError) as refused:
+        load_init_encoder(PretrainConfig(preset="smit_small", init_encoder=str(exported)))
+    message = str(refused.value)
+    assert "embed_dim 12 instead of 48" in message and message.endswith("pass --preset tiny.")
+    # The authors' released layout ({'state_dict': ...} with a DDP prefix and their mask token) fits smit_small.
+    from nnunet_smit.architectures.swin_encoder import SwinEncoder
+
+    authors = {f"module.{k}": v for k, v in SwinEncoder(SMITConfig.preset("smit_small")).state_dict().items()}
+    authors["module.mask_token"] = torch.zeros(1, 1, 48)
+    torch.save({"epoch": 10, "state_dict": authors}, tmp_path / "pre_train_weight.pt")
+    authors_file = str(tmp_path / "pre_train_weight.pt")
+    checkpoint = load_init_encoder(PretrainConfig(preset="smit_small", init_encoder=authors_file))
+    assert checkpoint.source == "official_pretrain" and "mask_token" not in checkpoint.state_dict
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SMITError, match="cannot be read"):
+        load_init_encoder(PretrainConfig(preset="tiny", init_encoder=str(tmp_path / "broken.pt")))
+
+
+def test_init_encoder_pretrained_on_other_preprocessing_is_warned_about(uninterrupted, cache, tmp_path, caplog):
+    from nnunet_smit.conventions import PretrainPreprocessing
+
+    _, exported = uninterrupted
+    trainer = PretrainTrainer(tiny_config(init_encoder=str(exported)), cache, tmp_path)
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+        trainer._start_from_init_encoder()
+    assert "differently prepared" not in caplog.text
+    trainer.preprocessing = PretrainPreprocessing(hu_window=(-1000.0, 400.0))
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+        trainer._start_from_init_encoder()
+    assert "hu_window [-175.0, 250.0] there, [-1000.0, 400.0] here" in caplog.text
