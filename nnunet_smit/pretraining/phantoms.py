@@ -16,11 +16,23 @@ still yields at least 96^3 voxels per scan at the default 2 mm pretraining spaci
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 PathLike = Union[str, Path]
+
+# Label values of the organs that labelled phantoms carry (nnU-Net dataset.json "labels").
+ORGAN_LABELS: Dict[str, int] = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
+
+# Phantoms of the demos: voxels of about 3 mm (in-plane 2.5-3.7 mm, slices 2.5-3.5 mm), so a 2-core CPU
+# pretrains and fine-tunes on them in minutes; at the demo's 3 mm pretraining spacing every scan holds a 64^3 view.
+DEMO_PHANTOM: Dict[str, Any] = {
+    "shape_range": ((64, 110), (112, 136)),
+    "fov_mm_range": (350.0, 420.0),
+    "scan_length_mm_range": (220.0, 300.0),
+    "slice_spacing_mm_range": (2.5, 3.5),
+}
 
 
 class _Grid:
@@ -55,11 +67,15 @@ def _ellipsoid(grid: _Grid, center: Sequence[float], semi: Sequence[float]) -> T
     return box, r <= 1.0
 
 
-def _paint(hu: np.ndarray, box: Tuple[slice, ...], mask: np.ndarray, value, allowed: np.ndarray = None) -> None:
+def _paint(hu: np.ndarray, box: Tuple[slice, ...], mask: np.ndarray, value, allowed: np.ndarray = None,
+           labels: Optional[np.ndarray] = None, label: int = 0) -> None:
+    """Set ``hu`` to ``value`` inside ``mask`` (within ``box``, where ``allowed``); ``labels`` gets ``label`` there."""
     if allowed is not None:
         mask = mask & allowed[box]
     region = hu[box]
     region[mask] = value if np.isscalar(value) else value[mask]
+    if labels is not None:
+        labels[box][mask] = label
 
 
 def _tube(hu: np.ndarray, grid: _Grid, points: np.ndarray, radii: np.ndarray, value: float,
@@ -92,6 +108,52 @@ def generate_phantom_volume(
     Returns:
         (array int16 (z, y, x) in HU, spacing (z, y, x) in mm).
     """
+    hu, _, spacing = _phantom(rng, shape_range, fov_mm_range, scan_length_mm_range, slice_spacing_mm_range,
+                              noise_hu_range)
+    return hu, spacing
+
+
+def generate_labelled_phantom(
+    rng: np.random.Generator, margin_mm: float = 20.0, **ranges: Any,
+) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
+    """A phantom with its organ label map (``ORGAN_LABELS``), cropped to the upper abdomen, as abdominal CT is.
+
+    The crop keeps the body's in-plane box (table and air around it dropped) and the slices from ``margin_mm``
+    below the lowest organ to ``margin_mm`` above the highest. Liver (50-70 HU), spleen (40-55 HU) and kidneys
+    (30-45 HU, or 120-180 HU enhanced in half the phantoms) lie among muscle (40-60 HU), bowel (15-35 HU) and fat
+    under 10-20 HU of noise: telling them apart takes shape and position, not a threshold.
+
+    Args:
+        rng: the only source of randomness; the image equals ``generate_phantom_volume``'s for the same state
+            and ranges, before the crop.
+        margin_mm: extra extent kept around the organs along z (mm).
+        **ranges: passed to :func:`generate_phantom_volume` (e.g. ``**DEMO_PHANTOM``).
+
+    Returns:
+        (HU int16 (z, y, x), labels uint8 (z, y, x), spacing (z, y, x) in mm).
+    """
+    hu, labels, spacing = _phantom(rng, **ranges)
+    organ_z = np.flatnonzero(labels.any(axis=(1, 2)))
+    margin = int(round(margin_mm / spacing[0]))
+    z0, z1 = max(0, organ_z[0] - margin), min(hu.shape[0], organ_z[-1] + 1 + margin)
+    # In-plane: the body's box; the table lies behind the back (larger y), separated by air rows.
+    body = (hu[z0:z1] > -500).any(axis=0)
+    rows, columns = body.any(axis=1), np.flatnonzero(body.any(axis=0))
+    y0 = int(np.argmax(rows))
+    y1 = y0 + int(np.argmin(rows[y0:])) if not rows[y0:].all() else len(rows)
+    crop = (slice(z0, z1), slice(y0, y1), slice(int(columns[0]), int(columns[-1]) + 1))
+    return np.ascontiguousarray(hu[crop]), np.ascontiguousarray(labels[crop]), spacing
+
+
+def _phantom(
+    rng: np.random.Generator,
+    shape_range: Tuple[Tuple[int, int], Tuple[int, int]] = ((40, 160), (128, 160)),
+    fov_mm_range: Tuple[float, float] = (340.0, 420.0),
+    scan_length_mm_range: Tuple[float, float] = (200.0, 280.0),
+    slice_spacing_mm_range: Tuple[float, float] = (1.5, 5.0),
+    noise_hu_range: Tuple[float, float] = (10.0, 20.0),
+) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
+    """(HU int16, organ labels uint8, spacing): see :func:`generate_phantom_volume` for the arguments."""
     from scipy import ndimage
 
     (z_lo, z_hi), (n_lo, n_hi) = shape_range
@@ -105,6 +167,8 @@ def generate_phantom_volume(
     z, y, x = grid.z[:, None, None], grid.y[None, :, None], grid.x[None, None, :]
 
     hu = np.full(grid.shape, -1000.0, dtype=np.float32)
+    labels = np.zeros(grid.shape, dtype=np.uint8)
+    liver, spleen, kidney = ORGAN_LABELS["liver"], ORGAN_LABELS["spleen"], ORGAN_LABELS["kidney"]
 
     # Body outline: an ellipse whose size drifts slowly along z; then fat, muscle wall and cavity.
     half_width = rng.uniform(0.40, 0.45) * fov
@@ -211,24 +275,24 @@ def generate_phantom_volume(
     liver_value = rng.uniform(50, 70)
     box, mask = _ellipsoid(grid, liver_center, (rng.uniform(55, 85), rng.uniform(0.55, 0.75) * cavity_half_depth,
                                                 rng.uniform(0.4, 0.55) * cavity_half_width))
-    _paint(hu, box, mask, liver_value, abdomen)
+    _paint(hu, box, mask, liver_value, abdomen, labels, liver)
     box, mask = _ellipsoid(grid, (liver_center[0] + rng.uniform(5, 25), cy - 0.35 * cavity_half_depth,
                                   cx + rng.uniform(-0.05, 0.15) * cavity_half_width),
                            (rng.uniform(30, 45), rng.uniform(25, 40), rng.uniform(40, 70)))
-    _paint(hu, box, mask, liver_value, abdomen)
+    _paint(hu, box, mask, liver_value, abdomen, labels, liver)
     box, mask = _ellipsoid(grid, (diaphragm_z - rng.uniform(30, 60), cy + rng.uniform(0.25, 0.45) * cavity_half_depth,
                                   cx + rng.uniform(0.5, 0.65) * cavity_half_width),
                            (rng.uniform(40, 55), rng.uniform(35, 55), rng.uniform(20, 32)))
-    _paint(hu, box, mask, rng.uniform(40, 55), abdomen)
+    _paint(hu, box, mask, rng.uniform(40, 55), abdomen, labels, spleen)
     kidney_value = rng.uniform(30, 45) if rng.random() < 0.5 else rng.uniform(120, 180)
     for side in (-1, 1):
         kidney_center = (diaphragm_z - rng.uniform(80, 130) + (8 if side > 0 else 0),
                          float(np.mean(spine_y)) - rng.uniform(0, 15), spine_x + side * rng.uniform(50, 70))
         box, mask = _ellipsoid(grid, kidney_center, (rng.uniform(45, 60), rng.uniform(28, 35), rng.uniform(24, 32)))
-        _paint(hu, box, mask, kidney_value, abdomen)
+        _paint(hu, box, mask, kidney_value, abdomen, labels, kidney)
         box, mask = _ellipsoid(grid, (kidney_center[0], kidney_center[1], kidney_center[2] - side * 10),
                                (20, 10, 8))
-        _paint(hu, box, mask, rng.uniform(-90, -60), abdomen)
+        _paint(hu, box, mask, rng.uniform(-90, -60), abdomen, labels, 0)  # renal sinus fat
 
     # Table: a curved carbon shell with a foam core, below the back, separated from the body by air.
     if rng.random() < 0.8:
@@ -242,7 +306,19 @@ def generate_phantom_volume(
     sigma_mm = 0.8
     hu = ndimage.gaussian_filter(hu, sigma=[sigma_mm / s for s in spacing], mode="nearest")
     hu += rng.normal(scale=rng.uniform(*noise_hu_range), size=hu.shape).astype(np.float32)
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), spacing
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), labels, spacing
+
+
+def write_phantom_image(array: np.ndarray, spacing: Sequence[float], path: PathLike) -> Path:
+    """Write a (z, y, x) array with its spacing (mm) as SimpleITK does (identity direction, body-centred origin)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    nz, ny, nx = array.shape
+    image.SetOrigin((-nx * spacing[2] / 2, -ny * spacing[1] / 2, 0.0))
+    sitk.WriteImage(image, str(path), True)
+    return Path(path)
 
 
 def generate_phantom_corpus(
@@ -250,27 +326,22 @@ def generate_phantom_corpus(
     n_cases: int = 8,
     seed: int = 0,
     shape_range: Tuple[Tuple[int, int], Tuple[int, int]] = ((40, 160), (128, 160)),
+    **ranges: Any,
 ) -> List[Path]:
     """Write ``n_cases`` phantoms as ``phantom_###.nii.gz`` (int16 HU) into ``out_dir``.
 
     Case ``i`` depends only on (seed, i): the same seed gives identical files, and a larger ``n_cases``
-    extends a corpus without changing its first cases. See :func:`generate_phantom_volume` for the ranges.
+    extends a corpus without changing its first cases. See :func:`generate_phantom_volume` for the ranges
+    (``shape_range`` and the others in ``ranges``, e.g. ``**DEMO_PHANTOM``).
 
     Returns:
         The written paths, in case order.
     """
-    import SimpleITK as sitk
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n_cases):
-        hu, spacing = generate_phantom_volume(np.random.default_rng([seed, i]), shape_range=shape_range)
-        image = sitk.GetImageFromArray(hu)
-        image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-        nz, ny, nx = hu.shape
-        image.SetOrigin((-nx * spacing[2] / 2, -ny * spacing[1] / 2, 0.0))
-        path = out / f"phantom_{i:03d}.nii.gz"
-        sitk.WriteImage(image, str(path), True)
-        paths.append(path)
+        hu, spacing = generate_phantom_volume(np.random.default_rng([seed, i]), **{"shape_range": shape_range,
+                                                                                  **ranges})
+        paths.append(write_phantom_image(hu, spacing, out / f"phantom_{i:03d}.nii.gz"))
     return paths
