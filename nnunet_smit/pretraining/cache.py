@@ -31,6 +31,11 @@ Layout of a cache folder::
     cases/<id>.b2nd the preprocessed array (z, y, x), float16
     cases/<id>.json the case record; written last, so it marks the case as done
 
+Every record of a scan that could be read holds its ``fingerprint`` (:mod:`nnunet_smit.fingerprints`, of the array as
+read, before preprocessing); the exported encoder carries those of the usable cases. A finished record written before
+fingerprints existed gets its fingerprint at the next build, from a read of the scan alone (nothing is preprocessed
+again), so older caches stay valid.
+
 Every file is written to a temporary name and moved into place with ``os.replace``; a killed build leaves
 only temporary files, which the next build removes, and it recomputes only cases without a record.
 SIGINT or SIGTERM stops a build (:class:`CacheBuildInterrupted`): no new scan is started, and the scans being
@@ -58,6 +63,7 @@ import SimpleITK as sitk
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
+from nnunet_smit.fingerprints import fingerprint_array, read_image
 from nnunet_smit.pretraining.discovery import Source, discover_sources
 
 logger = logging.getLogger(__name__)
@@ -97,15 +103,12 @@ class CaseSkipped(Exception):
 # ---------------------------------------------------------------------------------------------- preprocessing
 
 def read_ct(source: Source) -> Tuple[np.ndarray, Tuple[float, float, float]]:
-    """Read a scan as nnU-Net does: (array float32 (z, y, x) in HU, spacing (z, y, x) in mm)."""
-    if source.kind == "dicom":
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(list(source.paths))
-        image = reader.Execute()
-    else:
-        image = sitk.ReadImage(source.paths[0])
-    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
-        image = image[:, :, :, 0]
+    """Read a scan as nnU-Net does: (array float32 (z, y, x) in HU, spacing (z, y, x) in mm).
+
+    The file or DICOM series is read by :func:`nnunet_smit.fingerprints.read_image`, the rule scan fingerprints
+    are defined by.
+    """
+    image = read_image(source.paths)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseSkipped(f"{image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} "
                           f"components, a 3D scalar CT volume is expected")
@@ -227,7 +230,7 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         record.update(status="error", reason=f"unreadable ({type(e).__name__}: {lines[-1] if lines else ''})")
         return record
-    record.update(original_shape=list(hu.shape), original_spacing_mm=list(spacing),
+    record.update(original_shape=list(hu.shape), original_spacing_mm=list(spacing), fingerprint=fingerprint_array(hu),
                   hu_min=float(hu.min()) if hu.size else None, hu_max=float(hu.max()) if hu.size else None)
     try:
         array, info = preprocess_ct(hu, spacing, preprocessing)
@@ -245,6 +248,34 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
                   **info)
     _write_json_atomic(cases / f"{source.id}.json", record)
     return record
+
+
+def _add_fingerprint(source: Source, cases_dir: str, *_settings: Any) -> Optional[Dict[str, Any]]:
+    """Add the fingerprint to the finished record of a case cached before records carried one; reads the scan, nothing
+    is preprocessed again (runs in worker processes, as :func:`_process_source`).
+
+    Returns the record, without a fingerprint when the scan cannot be read any more (moved, deleted).
+    """
+    cases = Path(cases_dir)
+    record = _load_record(cases, source.id)
+    if record is None or "fingerprint" in record:
+        return record
+    try:
+        hu, _ = read_ct(source)
+    except Exception:  # noqa: BLE001 - the cached array stays usable; the caller reports the missing fingerprint
+        return record
+    record["fingerprint"] = fingerprint_array(hu)
+    _write_json_atomic(cases / f"{source.id}.json", record)
+    return record
+
+
+def manifest_fingerprints(manifest: Dict[str, Any]) -> Dict[str, str]:
+    """{fingerprint: case id} of a cache manifest's usable cases that have one (:mod:`nnunet_smit.fingerprints`)."""
+    fingerprints: Dict[str, str] = {}
+    for case in manifest.get("cases", []):
+        if case.get("fingerprint"):
+            fingerprints.setdefault(case["fingerprint"], case["id"])
+    return fingerprints
 
 
 def _load_record(cases: Path, case_id: str) -> Optional[Dict[str, Any]]:
@@ -328,16 +359,27 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
     discovery = discover_sources(source_roots, exclude=[cache])
     records: Dict[str, Dict[str, Any]] = {}
     todo: List[Source] = []
+    unfingerprinted: List[Source] = []
     for source in discovery.sources:
         record = _load_record(cases, source.id)
         if record is None:
             todo.append(source)
         else:
             records[source.id] = record
+            if record["status"] == "ok" and "fingerprint" not in record:
+                unfingerprinted.append(source)
     logger.info("cache %s: %d scans found, %d already cached, %d to preprocess", cache, len(discovery.sources),
                 len(records), len(todo))
     try:
         with _sigterm_interrupts():
+            if unfingerprinted:
+                logger.info("cache %s: %d cached scans were cached before scans had fingerprints; reading them to add "
+                            "one (nothing is preprocessed again)", cache, len(unfingerprinted))
+                fingerprinted = _run(unfingerprinted, cases, preprocessing, min_shape, num_workers, progress,
+                                     process=_add_fingerprint, description="fingerprinting cached scans")
+                # A scan whose fingerprinting failed (even a dead worker) keeps its usable record.
+                records.update({case_id: record for case_id, record in fingerprinted.items()
+                                if record is not None and record.get("status") == "ok"})
             records.update(_run(todo, cases, preprocessing, min_shape, num_workers, progress))
     except KeyboardInterrupt:
         done = sum(_load_record(cases, source.id) is not None for source in discovery.sources)
@@ -359,6 +401,11 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
         else:
             manifest_cases.append(record)
     skipped.sort()
+    missing = [case["source"] for case in manifest_cases if "fingerprint" not in case]
+    if missing:
+        logger.warning("cache %s: %d usable scans have no fingerprint, their source files cannot be read any more "
+                       "(first: %s); the encoder will not record them, so fine-tuning cannot check held-out cases "
+                       "against them", cache, len(missing), missing[0])
     _write_json_atomic(cache / _SKIPPED, [{"path": p, "reason": r} for p, r in skipped])
     if not manifest_cases:
         if discovery.sources or discovery.skipped:
@@ -410,16 +457,18 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _run(todo: List[Source], cases: Path, preprocessing: PretrainPreprocessing, min_shape: Tuple[int, int, int],
-         num_workers: int, progress: bool) -> Dict[str, Dict[str, Any]]:
-    """Preprocess ``todo`` in this process or in ``num_workers`` worker processes; returns {case id: record}."""
+         num_workers: int, progress: bool, process: Optional[Callable[..., Dict[str, Any]]] = None,
+         description: str = "caching CT scans") -> Dict[str, Dict[str, Any]]:
+    """Run ``process`` (default :func:`_process_source`: preprocess) over ``todo`` in this process or in
+    ``num_workers`` worker processes; returns {case id: record}."""
     from tqdm.auto import tqdm
 
     results: Dict[str, Dict[str, Any]] = {}
     if not todo:
         return results
-    process = _process_source  # looked up at call time (tests replace it)
+    process = process or _process_source  # looked up at call time (tests replace it)
     args = (str(cases), preprocessing.to_dict(), min_shape)
-    with tqdm(total=len(todo), desc="caching CT scans", unit="scan", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc=description, unit="scan", disable=not progress) as bar:
         if num_workers <= 1:  # in this process (a scan that exhausts the memory takes it down)
             for source in todo:
                 results[source.id] = process(source, *args, 4)
@@ -576,6 +625,10 @@ class CacheIndex:
         if data.dtype == np.float16:  # the same values as numpy's conversion, about 3.7x faster (vectorised)
             return torch.from_numpy(data).float().numpy()
         return data.astype(np.float32, copy=False)
+
+    def scan_fingerprints(self) -> Dict[str, str]:
+        """{fingerprint: case id} of the usable cases (those the cache could fingerprint)."""
+        return manifest_fingerprints(self.manifest)
 
     def summary(self) -> Dict[str, Any]:
         """JSON-able description for checkpoint metadata."""

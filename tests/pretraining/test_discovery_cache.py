@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
+from nnunet_smit.fingerprints import fingerprint_array, fingerprint_image_file
 from nnunet_smit.pretraining import cache as cache_module
 from nnunet_smit.pretraining.cache import CacheBuildInterrupted, CacheIndex, build_cache, read_ct
 from nnunet_smit.pretraining.discovery import Source, discover_sources
@@ -232,6 +233,61 @@ def test_marker_stays_on_its_axes_after_crop_and_resampling(built, mixed):
         centre_mm = ((cube.start + cube.stop) / 2 - start) * spacing
         expected = centre_mm / 2.0 - 0.5
         assert abs(found[axis] - expected) < 1.0, (axis, found, expected)
+
+
+def test_every_cached_scan_carries_the_fingerprint_of_its_array_as_read(built, mixed):
+    root = mixed["root"]
+    by_source = {built.case(c)["source"]: built.case(c)["fingerprint"] for c in built.case_ids}
+    # One array written in five formats and layouts, with other spacings: one scan.
+    copies = [root / "nifti" / "plain.nii", root / "other" / "scan.nrrd", root / "other" / "scan.mha",
+              root / "other" / "detached.mhd", root / "Dataset001_Test" / "imagesTr" / "case_000_0000.nii.gz"]
+    assert {by_source[str(p)] for p in copies} == {fingerprint_array(body_volume((24, 40, 40)))}
+    assert by_source[str(root / "dicom" / "ct")] == fingerprint_array(body_volume((20, 48, 48), value=60))
+    marker = root / "nifti" / "marker.nii.gz"
+    assert by_source[str(marker)] == fingerprint_image_file(marker)
+    fingerprints = built.scan_fingerprints()
+    assert set(fingerprints) == set(by_source.values()) and len(fingerprints) == 3
+    assert set(fingerprints.values()) <= set(built.case_ids)
+
+
+def test_records_cached_before_fingerprints_get_one_without_preprocessing_again(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    for i in range(3):
+        write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
+    cache_dir, cases = tmp_path / "cache", tmp_path / "cache" / "cases"
+    first = build_cache([raw], cache_dir, PREPROCESSING, min_shape=MIN_SHAPE)
+    expected = {case_id: first.case(case_id)["fingerprint"] for case_id in first.case_ids}
+    assert len(set(expected.values())) == 3
+    # What a build made before fingerprints existed: records and manifest without them (two records here).
+    old, current = first.case_ids[:2], first.case_ids[2]
+    for case_id in old:
+        record = json.loads((cases / f"{case_id}.json").read_text())
+        del record["fingerprint"]
+        (cases / f"{case_id}.json").write_text(json.dumps(record))
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    for case in manifest["cases"]:
+        del case["fingerprint"]
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert CacheIndex.open(cache_dir).scan_fingerprints() == {}  # an old cache opens as before, with none
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cases.iterdir()}
+
+    calls = []
+    process = cache_module._process_source
+
+    def counting(source, *args):
+        calls.append(source.id)
+        return process(source, *args)
+
+    monkeypatch.setattr(cache_module, "_process_source", counting)
+    healed = build_cache([raw], cache_dir, PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
+    assert calls == []
+    assert {case_id: healed.case(case_id)["fingerprint"] for case_id in healed.case_ids} == expected
+    for case_id in old:
+        assert json.loads((cases / f"{case_id}.json").read_text())["fingerprint"] == expected[case_id]
+    # Only the two old records were rewritten; no array was.
+    changed = {name for name, mtime in mtimes.items() if (cases / name).stat().st_mtime_ns != mtime}
+    assert changed == {f"{case_id}.json" for case_id in old} and f"{current}.json" not in changed
+    assert healed.scan_fingerprints() == {fingerprint: case_id for case_id, fingerprint in expected.items()}
 
 
 def test_load_region_reads_a_box(built):
