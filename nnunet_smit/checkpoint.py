@@ -2,7 +2,9 @@
 
 A checkpoint is the encoder's weights plus the metadata needed to use them: format name and version, package
 version, the full architecture config, how pretraining preprocessed its input, the pretraining patch size, a
-data/training summary and the sha256 of the weights. It is a ``torch.save`` file of plain containers and
+data/training summary, the fingerprints of the scans pretraining saw (``pretraining_scans``, see
+:mod:`nnunet_smit.fingerprints`; absent in files written before it existed, which load with none) and the sha256 of
+the weights. It is a ``torch.save`` file of plain containers and
 tensors, read back with ``torch.load(weights_only=True)``, or a safetensors file with the metadata as JSON:
 loading a checkpoint never executes code from it.
 
@@ -83,11 +85,14 @@ def save_encoder_checkpoint(
     preprocessing: Optional[PretrainPreprocessing] = None,
     patch_size: Sequence[int] = (96, 96, 96),
     summary: Optional[Dict[str, Any]] = None,
+    scan_fingerprints: Optional[Mapping[str, str]] = None,
 ) -> str:
     """Write an encoder checkpoint atomically; returns the sha256 of the weights.
 
-    ``state_dict`` is a :class:`SwinEncoder` state dict (keys without prefix). A path ending in ``.safetensors``
-    is written as safetensors with the metadata as JSON, anything else with ``torch.save``.
+    ``state_dict`` is a :class:`SwinEncoder` state dict (keys without prefix). ``scan_fingerprints`` is
+    {fingerprint: scan name} of every scan the weights were pretrained on (:mod:`nnunet_smit.fingerprints`), stored
+    as ``pretraining_scans`` (about 40 bytes a scan). A path ending in ``.safetensors`` is written as safetensors with
+    the metadata as JSON, anything else with ``torch.save``.
     """
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     sha = state_dict_sha256(weights)
@@ -99,6 +104,7 @@ def save_encoder_checkpoint(
         "preprocessing": (preprocessing or PretrainPreprocessing()).to_dict(),
         "patch_size": [int(s) for s in patch_size],
         "summary": json.loads(json.dumps(summary or {}, default=str)),
+        "pretraining_scans": {str(k): str(v) for k, v in sorted((scan_fingerprints or {}).items())},
         "sha256": sha,
     }
     path = Path(path)
@@ -127,6 +133,9 @@ class EncoderCheckpoint:
         sha256: hash of ``state_dict`` (verified for this package's files).
         source: ``"nnunet_smit"``, ``"official_pretrain"``, ``"official_finetune"`` or ``"monai_swinvit"``.
         notes: what a conversion dropped or changed.
+        pretraining_scans: {fingerprint: scan name} of every scan the weights were pretrained on
+            (:mod:`nnunet_smit.fingerprints`). Empty when the file records none: foreign weights (the authors',
+            MONAI's) and exports written before fingerprints existed; that means "unknown", not "no scan".
     """
 
     state_dict: StateDict
@@ -138,6 +147,7 @@ class EncoderCheckpoint:
     source: str
     path: Optional[str] = None
     notes: List[str] = field(default_factory=list)
+    pretraining_scans: Dict[str, str] = field(default_factory=dict)
 
 
 def _read_file(path: Path) -> Any:
@@ -229,6 +239,9 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
         sha = state_dict_sha256(state_dict)
         if sha != obj.get("sha256"):
             raise CheckpointError(f"{path} is corrupt: the weights' sha256 does not match the one recorded in it.")
+        scans = obj.get("pretraining_scans", {})
+        if not isinstance(scans, Mapping):
+            raise CheckpointError(f"{path} is corrupt: its pretraining_scans entry is not a mapping of fingerprints.")
         return EncoderCheckpoint(
             state_dict=state_dict,
             config=SMITConfig.from_dict(obj["config"]),
@@ -238,6 +251,7 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
             sha256=sha,
             source="nnunet_smit",
             path=str(path),
+            pretraining_scans={str(k): str(v) for k, v in scans.items()},
         )
     sd = _tensor_dict(obj)
     if sd is None and isinstance(obj, Mapping):

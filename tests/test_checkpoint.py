@@ -93,6 +93,28 @@ def test_roundtrip_with_metadata_and_weights_only(tmp_path, suffix):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), encoder.state_dict().values()))
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_pretraining_scan_fingerprints_travel_with_the_checkpoint(tmp_path, suffix):
+    config = SMITConfig.preset("tiny")
+    scans = {f"{i:016x}": f"case_{i:05d}_{i * 7919:08x}" for i in range(500)}
+    path = tmp_path / f"enc{suffix}"
+    save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config, scan_fingerprints=scans)
+    assert load_encoder_checkpoint(path).pretraining_scans == scans
+    save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config)
+    assert load_encoder_checkpoint(path).pretraining_scans == {}
+
+
+def test_a_checkpoint_written_before_fingerprints_loads_with_none(tmp_path):
+    config = SMITConfig.preset("tiny")
+    path = tmp_path / "enc.pt"
+    sha = save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config, scan_fingerprints={"ab" * 8: "x"})
+    raw = torch.load(path, weights_only=True)
+    del raw["pretraining_scans"]  # the layout of format version 1 before the key existed
+    torch.save(raw, path)
+    ckpt = load_encoder_checkpoint(path)
+    assert ckpt.sha256 == sha and ckpt.pretraining_scans == {}
+
+
 def test_corrupt_weights_fail_the_hash(tmp_path):
     config = SMITConfig.preset("tiny")
     path = tmp_path / "enc.pt"
@@ -141,6 +163,7 @@ def test_official_finetune_network_imports_encoder(tmp_path, reference_dir):
     torch.save({"state_dict": sd}, path)
     ckpt = load_encoder_checkpoint(path)
     assert ckpt.source == "official_finetune" and ckpt.config.embed_dim == 12
+    assert ckpt.pretraining_scans == {}  # the authors' weights record no pretraining scans: unknown, not none
     net = SMITNet(ckpt.config, 1, 3)
     report = load_encoder_weights(net.encoder, ckpt.state_dict)
     assert report.ok and report.loaded == len(net.encoder.state_dict())

@@ -45,6 +45,7 @@ from nnunet_smit.checkpoint import (
 )
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.cache import manifest_fingerprints
 from nnunet_smit.pretraining.cli import COMPILE_MODES
 from nnunet_smit.pretraining.dino_loss import CENTERING_MODES
 from nnunet_smit.pretraining.masking import CubeMaskGenerator
@@ -440,6 +441,11 @@ class PretrainTrainer:
             source's ``summary()``).
         manifest: JSON-able list of the cached cases, stored in ``checkpoint_latest`` (default: the source's
             ``manifest``).
+
+    Attributes:
+        scan_fingerprints: {fingerprint: scan name} of every scan these weights have seen, which the export records
+            (``pretraining_scans``): the manifest's cases, those of the manifests the run had before a resume (scans
+            removed since were still trained on), and those recorded by the ``init_encoder`` a new run starts from.
     """
 
     def __init__(
@@ -462,6 +468,7 @@ class PretrainTrainer:
             manifest = getattr(source, "manifest", None)
         self.data_summary = _json_plain(data_summary or {})
         self.manifest = _json_plain(manifest or {})
+        self.scan_fingerprints: Dict[str, str] = manifest_fingerprints(self.manifest)
         self.preprocessing: PretrainPreprocessing = source.preprocessing
         self.encoder_config = config.encoder_config()
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
@@ -595,6 +602,7 @@ class PretrainTrainer:
             "preprocessing": self.preprocessing.to_dict(),
             "data": self.data_summary,
             "manifest": self.manifest,
+            "pretraining_scans": self.scan_fingerprints,
         }
 
     def _set_epoch_length(self, samples: int) -> None:
@@ -717,6 +725,9 @@ class PretrainTrainer:
                 self.dist.world_size, state["world_size"],
             )
         self._adopt_epoch_of_checkpoint(state)
+        # States saved before pretraining_scans existed: their manifest still names the scans of the run so far.
+        earlier = {**manifest_fingerprints(state.get("manifest") or {}), **(state.get("pretraining_scans") or {})}
+        self.scan_fingerprints = {**earlier, **self.scan_fingerprints}
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -897,6 +908,8 @@ class PretrainTrainer:
         report = load_encoder_weights(self.model.student.encoder, checkpoint.state_dict, strict=True)
         if self.model.teacher is not None:
             self.model.teacher.encoder.load_state_dict(self.model.student.encoder.state_dict())
+        # The starting weights have seen their own pretraining scans: held-out cases are checked against those too.
+        self.scan_fingerprints = {**checkpoint.pretraining_scans, **self.scan_fingerprints}
         if self.dist.is_main:
             logger.info("student and teacher encoders start from %s (%s, sha256 %s): %s", checkpoint.path,
                         checkpoint.source, checkpoint.sha256[:16], report.summary())
@@ -1100,6 +1113,7 @@ class PretrainTrainer:
                 "pretrain_config": self.config.to_dict(),
                 "init_encoder": init,
                 "data": self.data_summary,
+                "fingerprinted_scans": len(self.scan_fingerprints),
                 "weights_checksums_per_rank": ranks_checksums,
             }
             state_dict = {k: v.detach().cpu() for k, v in side.encoder.state_dict().items()}
@@ -1107,6 +1121,7 @@ class PretrainTrainer:
                 save_encoder_checkpoint(
                     path, state_dict, self.encoder_config, self.preprocessing,
                     patch_size=(self.config.view_size,) * 3, summary=_json_plain(summary),
+                    scan_fingerprints=self.scan_fingerprints,
                 )
                 atomic_write(self.output_dir / "run_summary.json",
                              lambda tmp: Path(tmp).write_text(json.dumps(_json_plain(summary), indent=2)))

@@ -15,7 +15,7 @@ from nnunet_smit.pretraining.engine import (
     CHECKPOINT_NAME, PretrainConfig, PretrainTrainer, TrainingDiverged, TrainingInterrupted,
 )
 from nnunet_smit.pretraining.model import teacher_collapse_stats
-from tests.pretraining.training_support import phantom_cache, tiny_config
+from tests.pretraining.training_support import N_PHANTOMS, phantom_cache, tiny_config
 
 RESUME_STEPS = 6  # spans an epoch boundary (4 steps per epoch)
 
@@ -352,6 +352,33 @@ def test_export_loads_into_the_fine_tuning_network_with_no_missing_keys(uninterr
     teacher = trainer.model.teacher.encoder.state_dict()
     for key, value in network.encoder.state_dict().items():
         assert torch.equal(value, teacher[key]), key
+
+
+class FirstCachedScans:
+    """The first ``count`` scans of a cache, with its reading interface and manifest (a folder some scans left)."""
+
+    def __init__(self, cache, count):
+        self.case_ids = cache.case_ids[:count]
+        self.preprocessing = cache.preprocessing
+        self.shape, self.load = cache.shape, cache.load
+        self.manifest = {**cache.manifest, "cases": cache.manifest["cases"][:count]}
+
+
+def test_the_export_records_the_fingerprint_of_every_scan_the_weights_have_seen(uninterrupted, cache, tmp_path):
+    _, exported = uninterrupted
+    every_scan = load_encoder_checkpoint(exported).pretraining_scans
+    assert every_scan == cache.scan_fingerprints() and sorted(every_scan.values()) == sorted(cache.case_ids)
+    assert len(every_scan) == len(cache.case_ids) == N_PHANTOMS
+    # A run resumed after a scan left the folders: that scan was trained on all the same.
+    PretrainTrainer(tiny_config(max_steps=1), cache, tmp_path / "resumed").fit()
+    fewer = FirstCachedScans(cache, N_PHANTOMS - 1)
+    resumed = PretrainTrainer(tiny_config(max_steps=2), fewer, tmp_path / "resumed").fit()
+    assert load_encoder_checkpoint(resumed).pretraining_scans == every_scan
+    # A new run on one scan, starting from weights pretrained on all of them, has seen all of them.
+    one = FirstCachedScans(cache, 1)
+    started = PretrainTrainer(tiny_config(max_steps=1, init_encoder=str(exported)), one, tmp_path / "init").fit()
+    assert load_encoder_checkpoint(started).pretraining_scans == every_scan
+    assert json.loads((tmp_path / "init" / "run_summary.json").read_text())["fingerprinted_scans"] == N_PHANTOMS
 
 
 def test_automatic_loader_workers_follow_the_cores_of_each_process(monkeypatch):
