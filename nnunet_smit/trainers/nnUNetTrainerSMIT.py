@@ -3,26 +3,29 @@
 Everything the network needs is written into the plans configuration before nnU-Net's ``__init__`` runs (see
 :mod:`nnunet_smit.trainers.plans_settings`), so the results ``plans.json`` rebuilds it in ``nnUNetv2_predict``.
 Pretrained weights come from the environment variable ``nnUNet_SMIT_weights`` (or the configuration key
-``smit_weights``); the encoder is loaded strictly, on every rank, at the start of epoch 0 only.
+``smit_weights``); the encoder is loaded strictly, on every rank, at the start of epoch 0 only. Then the fold's
+validation cases are checked against the scans the encoder was pretrained on (:mod:`nnunet_smit.fingerprints`) and
+the outcome is written to the training log; a validation case seen in pretraining is warned about, never refused.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
-from nnunetv2.paths import nnUNet_results
+from nnunetv2.paths import nnUNet_raw, nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_smit.architectures import SMITConfig, SMITNet
-from nnunet_smit.checkpoint import load_encoder_checkpoint, load_encoder_weights
+from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_encoder_weights
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import CheckpointError, SMITError
+from nnunet_smit.fingerprints import find_leaked, nnunet_raw_case_images
 from nnunet_smit.trainers import plans_settings
 from nnunet_smit.trainers.param_groups import build_param_groups, unwrap_network
 from nnunet_smit.trainers.patch_fitting import fit_patch_size
@@ -35,6 +38,8 @@ MISSING_WEIGHTS_MESSAGE = (
     "(from smit_pretrain or smit_convert), or train from random init with -tr nnUNetTrainerSMITScratch."
 )
 _TRUE = ("true", "1", "t")
+LEAKAGE_CHECK = "SMIT leakage check"
+_LEAKED_CASES_NAMED = 20  # the warning names this many cases, then counts the rest
 
 
 def _numpy_safe_globals() -> List[Any]:
@@ -239,6 +244,59 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             f"SMIT: loaded pretrained encoder from {checkpoint.path} (sha256 {checkpoint.sha256}, "
             f"source {checkpoint.source})\n{report.summary()}"
         )
+        if self.local_rank == 0:  # nnU-Net's local_rank is the global rank: the one process that writes the log
+            self.check_pretraining_leakage(checkpoint)
+
+    def check_pretraining_leakage(
+        self, checkpoint: EncoderCheckpoint, val_keys: Optional[Sequence[str]] = None
+    ) -> None:
+        """Write to the training log whether any validation case was among the encoder's pretraining scans.
+
+        The raw images of each validation case (every channel, ``nnUNet_raw/<dataset>/imagesTr``) are fingerprinted
+        and looked up in ``checkpoint.pretraining_scans``. The log gets one line: none seen, a WARNING naming the cases
+        seen (their validation scores are optimistic), or why the check was skipped. Never raises: a failing check
+        must not stop a training run.
+
+        Args:
+            checkpoint: the encoder checkpoint being fine-tuned.
+            val_keys: the validation case ids (default: this fold's, from :meth:`do_split`).
+        """
+        try:
+            message = self._leakage_report(checkpoint, val_keys)
+        except Exception as error:  # noqa: BLE001 - a check that cannot run is reported, training goes on
+            message = f"{LEAKAGE_CHECK} skipped: it failed ({type(error).__name__}: {error})."
+        self.print_to_log_file(message)
+
+    def _leakage_report(self, checkpoint: EncoderCheckpoint, val_keys: Optional[Sequence[str]]) -> str:
+        """The log line of :meth:`check_pretraining_leakage` (may raise)."""
+        scans = checkpoint.pretraining_scans
+        if not scans:
+            return (f"{LEAKAGE_CHECK} skipped: the encoder checkpoint {checkpoint.path} records no fingerprints of its "
+                    f"pretraining scans (source {checkpoint.source}: foreign weights, or exported before fingerprints "
+                    "were recorded), so whether validation cases were seen in pretraining is unknown.")
+        if not nnUNet_raw.is_set():
+            return f"{LEAKAGE_CHECK} skipped: nnUNet_raw is not set, so the validation cases' raw images are unknown."
+        if val_keys is None:
+            _, val_keys = self.do_split()
+        dataset_folder = join(nnUNet_raw.get(), self.plans_manager.dataset_name)
+        images = nnunet_raw_case_images(dataset_folder, self.dataset_json, list(val_keys))
+        found = {case: paths for case, paths in images.items() if paths and all(p.is_file() for p in paths)}
+        if not found:
+            return (f"{LEAKAGE_CHECK} skipped: the raw images of the {len(images)} validation cases were not found "
+                    f"under {join(dataset_folder, 'imagesTr')}.")
+        unchecked = sorted(set(images) - set(found))
+        note = (f" ({len(unchecked)} validation cases without raw images under {dataset_folder} were not checked, "
+                f"first {unchecked[0]})" if unchecked else "")
+        leaked = find_leaked(found, scans)
+        if not leaked:
+            return (f"{LEAKAGE_CHECK}: {len(found)} validation cases checked against {len(scans)} pretraining scans; "
+                    f"none was seen in pretraining{note}.")
+        named = "; ".join(f"{case} = pretraining scan {', '.join(matches)}"
+                          for case, matches in list(leaked.items())[:_LEAKED_CASES_NAMED])
+        more = f"; and {len(leaked) - _LEAKED_CASES_NAMED} more" if len(leaked) > _LEAKED_CASES_NAMED else ""
+        return (f"WARNING: {LEAKAGE_CHECK}: {len(leaked)} of the {len(found)} validation cases were seen in "
+                f"pretraining ({named}{more}){note}: this fold's validation scores overstate performance on unseen "
+                "scans; pretrain without the held-out cases for an unbiased estimate.")
 
     def on_train_start(self):
         if not self.was_initialized:

@@ -1,14 +1,19 @@
-"""nnUNetTrainerSMIT set-up without data: plans settings, refusals, network from plans, optimizer, weights."""
+"""nnUNetTrainerSMIT set-up without data: plans settings, refusals, network from plans, optimizer, weights, and the
+check of validation cases against the encoder's pretraining scans."""
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_smit.architectures import SMITConfig, SwinEncoder
-from nnunet_smit.checkpoint import save_encoder_checkpoint
+from nnunet_smit.checkpoint import load_encoder_checkpoint, save_encoder_checkpoint
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
+from nnunet_smit.fingerprints import fingerprint_array
 from nnunet_smit.trainers import (
     nnUNetTrainerSMIT,
     nnUNetTrainerSMIT_96,
@@ -210,3 +215,89 @@ def test_compile_only_when_asked(nnunet_env, tiny_weights, monkeypatch):
     assert trainer._do_i_compile() is False
     monkeypatch.setenv("nnUNet_compile", "t")
     assert trainer._do_i_compile() is True
+
+
+# --- leakage check: validation cases against the encoder's pretraining scans --------------------------------------
+def write_raw_cases(raw_root: Path, case_ids, num_channels=1):
+    """Small int16 CT-like raw images of Dataset999_Unit; returns {case id: (z, y, x) array of channel 0}."""
+    arrays = {}
+    for seed, case_id in enumerate(case_ids):
+        array = np.random.default_rng(seed).integers(-1000, 1500, size=(6, 9, 8)).astype(np.int16)
+        for channel in range(num_channels):
+            path = raw_root / "Dataset999_Unit" / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(sitk.GetImageFromArray(array + channel), str(path))
+        arrays[case_id] = array
+    return arrays
+
+
+def fingerprinted_weights(tmp_path, monkeypatch, scans):
+    config = SMITConfig.preset("tiny")
+    path = tmp_path / "fingerprinted_encoder.pt"
+    save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config, scan_fingerprints=scans)
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    return path
+
+
+def leakage_lines(trainer):
+    return [line.strip() for line in Path(trainer.log_file).read_text().splitlines() if "SMIT leakage check" in line]
+
+
+def test_leakage_check_names_the_validation_case_seen_in_pretraining(nnunet_env, tmp_path, monkeypatch):
+    arrays = write_raw_cases(nnunet_env / "nnUNet_raw", ["ct_000", "ct_001", "ct_002"], num_channels=2)
+    # Pretraining saw ct_001 as a float32 NRRD (another format, another dtype: the same voxels).
+    scans = {fingerprint_array(arrays["ct_001"].astype(np.float32)): "ct_001_nrrd_5f3a2b1c",
+             fingerprint_array(np.zeros((4, 4, 4))): "unrelated_00000000"}
+    fingerprinted_weights(tmp_path, monkeypatch, scans)
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans(), num_channels=2)
+    checkpoint = load_encoder_checkpoint(trainer._weights_path(trainer.configuration_manager.configuration))
+
+    trainer.check_pretraining_leakage(checkpoint, val_keys=["ct_000", "ct_001"])
+    (line,) = leakage_lines(trainer)
+    assert line.endswith("WARNING: SMIT leakage check: 1 of the 2 validation cases were seen in pretraining "
+                         "(ct_001 = pretraining scan ct_001_nrrd_5f3a2b1c): this fold's validation scores overstate "
+                         "performance on unseen scans; pretrain without the held-out cases for an unbiased estimate.")
+    trainer.check_pretraining_leakage(checkpoint, val_keys=["ct_000", "ct_002", "ct_404"])
+    assert leakage_lines(trainer)[1].endswith(
+        "SMIT leakage check: 2 validation cases checked against 2 pretraining scans; none was seen in pretraining "
+        f"(1 validation cases without raw images under {nnunet_env / 'nnUNet_raw' / 'Dataset999_Unit'} were not "
+        "checked, first ct_404).")
+
+
+def test_leakage_check_runs_when_the_encoder_is_loaded_on_the_folds_validation_cases(nnunet_env, tmp_path,
+                                                                                     monkeypatch):
+    arrays = write_raw_cases(nnunet_env / "nnUNet_raw", ["ct_000", "ct_001", "ct_002"])
+    fingerprinted_weights(tmp_path, monkeypatch, {fingerprint_array(arrays["ct_002"]): "scan_2"})
+    preprocessed = nnunet_env / "nnUNet_preprocessed" / "Dataset999_Unit"
+    (preprocessed / "nnUNetPlans_3d").mkdir(parents=True)
+    for case_id in arrays:  # what nnU-Net's do_split looks at in the preprocessed folder
+        (preprocessed / "nnUNetPlans_3d" / f"{case_id}.b2nd").touch()
+    (preprocessed / "splits_final.json").write_text(json.dumps([{"train": ["ct_000", "ct_001"], "val": ["ct_002"]}]))
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3)
+    trainer._load_pretrained_encoder()
+    (line,) = leakage_lines(trainer)
+    assert "WARNING: SMIT leakage check: 1 of the 1 validation cases were seen in pretraining (ct_002 = " in line
+
+
+def test_leakage_check_says_why_it_was_skipped_and_never_stops_training(nnunet_env, tiny_weights, tmp_path,
+                                                                        monkeypatch):
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    foreign = load_encoder_checkpoint(tiny_weights[0])  # records no fingerprints, like the authors' weights
+    trainer.check_pretraining_leakage(foreign, val_keys=["ct_000"])
+    assert "SMIT leakage check skipped: the encoder checkpoint" in leakage_lines(trainer)[-1]
+    assert "records no fingerprints of its pretraining scans" in leakage_lines(trainer)[-1]
+
+    fingerprinted = load_encoder_checkpoint(fingerprinted_weights(tmp_path, monkeypatch, {"0" * 16: "scan"}))
+    trainer.check_pretraining_leakage(fingerprinted, val_keys=["ct_000"])
+    assert leakage_lines(trainer)[-1].endswith(
+        "SMIT leakage check skipped: the raw images of the 1 validation cases were not found under "
+        f"{nnunet_env / 'nnUNet_raw' / 'Dataset999_Unit' / 'imagesTr'}.")
+
+    def broken_split():
+        raise RuntimeError("no preprocessed data")
+
+    monkeypatch.setattr(trainer, "do_split", broken_split)
+    trainer.check_pretraining_leakage(fingerprinted)
+    assert leakage_lines(trainer)[-1].endswith(
+        "SMIT leakage check skipped: it failed (RuntimeError: no preprocessed data).")
