@@ -94,6 +94,8 @@ setup(
         "console_scripts": [
             "smit_convert=nnunet_smit.convert_cli:main",
             "smit_pretrain=nnunet_smit.pretraining.cli:main",
+            "smit_study=nnunet_smit.study.cli:main",
+            "smit_demo=nnunet_smit.demo:main",
             "smit_trainer_path=nnunet_smit.registration:main",
         ],
     },

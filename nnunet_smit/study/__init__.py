@@ -1,0 +1,1 @@
+"""``smit_study``: label efficiency of SMIT encoders against scratch and nnU-Net's default, through nnU-Net."""

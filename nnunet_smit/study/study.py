@@ -1,0 +1,352 @@
+"""``smit_study``: does an encoder help on this nnU-Net dataset, and with how few labels?
+
+Every arm (each encoder fine-tuned by the SMIT trainer, the same network from random init, nnU-Net's default
+``nnUNetTrainer``) trains through nnU-Net on exactly the same labelled cases with the same budget, and is scored by
+nnU-Net's own validation on a fixed held-out test set (see :mod:`nnunet_smit.study.splits`). Everything is checked
+before the first arm trains; arms already finished are skipped, so rerunning the command resumes a study.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from nnunet_smit.errors import SMITError
+from nnunet_smit.study import report
+from nnunet_smit.study.arms import Arm, Budget, fold_folder, read_dice, train_arm
+from nnunet_smit.study.splits import assign_folds, held_out_cases, labelled_sets
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("scratch", "nnunet")
+NNUNET_DEFAULT_TRAINER = "nnUNetTrainer"
+STUDY_FORMAT = "nnunet_smit.study"
+
+
+@dataclass
+class StudySettings:
+    """What a study measures; kept in ``study.json`` so that a rerun resumes the same study.
+
+    Attributes:
+        dataset: nnU-Net dataset name or id.
+        output: the study folder.
+        encoders: encoder checkpoint files (each one arm).
+        labelled: numbers of labelled training cases k.
+        seeds: draws of the labelled cases per k.
+        baselines: "scratch" (the SMIT network from random init) and/or "nnunet" (nnU-Net's default trainer).
+        trainer: the SMIT trainer that fine-tunes the encoders (its Scratch variant trains the scratch arm).
+        configuration: nnU-Net configuration.
+        plans: nnU-Net plans identifier.
+        budget: epochs and iterations of every arm.
+        device: "cuda", "cpu" or "mps".
+        test_fraction: share of the training cases held out for testing.
+    """
+
+    dataset: str
+    output: Path
+    encoders: Sequence[str] = ()
+    labelled: Sequence[int] = (1, 2, 4, 8)
+    seeds: int = 3
+    baselines: Sequence[str] = BASELINES
+    trainer: str = "nnUNetTrainerSMIT"
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    budget: Budget = field(default_factory=Budget)
+    device: str = "cuda"
+    test_fraction: float = 0.2
+
+
+@dataclass
+class _Dataset:
+    name: str
+    preprocessed: Path
+    plans: Dict[str, Any]
+    dataset_json: Dict[str, Any]
+    case_ids: List[str]
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def _plan_command(dataset: str, configuration: str) -> str:
+    return f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}"
+
+
+def resolve_dataset(dataset: str, configuration: str, plans_identifier: str) -> _Dataset:
+    """The planned and preprocessed dataset, or a one-line SMITError that names the command to run."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_preprocessed.is_set():
+        raise SMITError("nnUNet_preprocessed is not set; export nnU-Net's three folder variables (nnUNet_raw, "
+                        "nnUNet_preprocessed, nnUNet_results) and plan the dataset first.")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as error:
+        raise SMITError(f"dataset {dataset!r} is not known to nnU-Net ({str(error).splitlines()[0]}); convert it to "
+                        f"an nnU-Net raw dataset and run {_plan_command(dataset, configuration)}.") from None
+    preprocessed = Path(nnUNet_preprocessed.get()) / name
+    plans_file = preprocessed / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise SMITError(f"{name} is not planned with {plans_identifier} yet ({plans_file} does not exist); run "
+                        f"{_plan_command(dataset, configuration)}.")
+    plans = json.loads(plans_file.read_text())
+    if configuration not in plans.get("configurations", {}):
+        raise SMITError(f"the plans {plans_file} have no configuration {configuration!r}; choose one of "
+                        f"{sorted(plans.get('configurations', {}))}.")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data_folder = preprocessed / PlansManager(plans).get_configuration(configuration).data_identifier
+    if not data_folder.is_dir() or not any(data_folder.iterdir()):
+        raise SMITError(f"{name} is planned but not preprocessed for {configuration} ({data_folder} is missing or "
+                        f"empty); run {_plan_command(dataset, configuration)}.")
+    case_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    return _Dataset(name, preprocessed, plans, dataset_json, case_ids)
+
+
+def find_trainer(name: str) -> type:
+    """A trainer class by name: this package's, nnU-Net's default, or anything nnU-Net's own lookup finds."""
+    import nnunet_smit.trainers as smit_trainers
+
+    if hasattr(smit_trainers, name):
+        return getattr(smit_trainers, name)
+    if name == NNUNET_DEFAULT_TRAINER:
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        return nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        found = recursive_find_trainer_class_by_name(name)
+    except RuntimeError:  # 2.8.1 raises for a name it cannot find (older versions returned None)
+        found = None
+    if found is None:
+        raise SMITError(f"unknown trainer {name!r}: nnU-Net finds no trainer class of that name; check the spelling "
+                        f"(e.g. nnUNetTrainerSMIT, nnUNetTrainerSMIT_96).")
+    return found
+
+
+def scratch_trainer_name(trainer: str) -> str:
+    """The random-init twin of a SMIT trainer: ``nnUNetTrainerSMIT_96`` -> ``nnUNetTrainerSMITScratch_96``."""
+    prefix = "nnUNetTrainerSMIT"
+    if not trainer.startswith(prefix) or trainer.startswith(prefix + "Scratch"):
+        raise SMITError(f"--trainer {trainer} has no Scratch twin; the scratch baseline needs a trainer named "
+                        f"nnUNetTrainerSMIT<variant> with an nnUNetTrainerSMITScratch<variant> beside it.")
+    return prefix + "Scratch" + trainer[len(prefix):]
+
+
+def _arm_label(path: str, checkpoint: EncoderCheckpoint, taken: Sequence[str]) -> str:
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).name.split(".")[0]) or "encoder"
+    if label in taken or label in BASELINES:
+        label = f"{label}-{checkpoint.sha256[:8]}"
+    return label
+
+
+def build_arms(settings: StudySettings) -> Tuple[List[Arm], Dict[str, EncoderCheckpoint]]:
+    """The arms in table order (encoders, then the baselines) and the loaded encoder checkpoints by path."""
+    from nnunet_smit.trainers import nnUNetTrainerSMIT
+
+    if not settings.encoders and not settings.baselines:
+        raise SMITError("nothing to train: pass --encoder FILE and/or --baselines.")
+    unknown = sorted(set(settings.baselines) - set(BASELINES))
+    if unknown:
+        raise SMITError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}.")
+    trainer = find_trainer(settings.trainer)
+    if not (isinstance(trainer, type) and issubclass(trainer, nnUNetTrainerSMIT)):
+        raise SMITError(f"--trainer {settings.trainer} is not a SMIT trainer (a subclass of nnUNetTrainerSMIT); the "
+                        "encoders are fine-tuned by one, e.g. nnUNetTrainerSMIT or nnUNetTrainerSMIT_96.")
+    if not trainer.require_pretrained_weights:
+        raise SMITError(f"--trainer {settings.trainer} trains from random init; pass the pretrained trainer (the "
+                        "scratch baseline uses its Scratch twin).")
+    checkpoints: Dict[str, EncoderCheckpoint] = {}
+    arms: List[Arm] = []
+    for path in settings.encoders:
+        resolved = str(Path(path).expanduser().resolve())
+        try:
+            checkpoint = load_encoder_checkpoint(resolved)
+        except SMITError as error:
+            raise SMITError(f"--encoder {path} does not load: {error}") from None
+        checkpoints[resolved] = checkpoint
+        arms.append(Arm(_arm_label(resolved, checkpoint, [a.name for a in arms]), resolved, settings.trainer,
+                        resolved))
+    if "scratch" in settings.baselines:
+        scratch = scratch_trainer_name(settings.trainer)
+        find_trainer(scratch)
+        # the first encoder's architecture, so that pretrained and scratch differ only in the initial weights
+        arms.append(Arm("scratch", "scratch", scratch, arms[0].weights if arms else None))
+    if "nnunet" in settings.baselines:
+        arms.append(Arm("nnunet", "nnunet", NNUNET_DEFAULT_TRAINER))
+    return arms, checkpoints
+
+
+def check_leakage(dataset: _Dataset, test_cases: Sequence[str],
+                  checkpoints: Dict[str, EncoderCheckpoint]) -> Tuple[Dict[str, Dict[str, List[str]]], List[str]]:
+    """Held-out cases that an encoder was pretrained on ({encoder: {case: [pretraining scans]}}) and notes on
+    encoders that could not be checked."""
+    from nnunetv2.paths import nnUNet_raw
+
+    from nnunet_smit.fingerprints import find_leaked, nnunet_raw_case_images
+
+    leakage: Dict[str, Dict[str, List[str]]] = {}
+    notes: List[str] = []
+    if not checkpoints:
+        return leakage, notes
+    raw = Path(nnUNet_raw.get()) / dataset.name if nnUNet_raw.is_set() else None
+    if raw is None or not raw.is_dir():
+        notes.append(f"leakage check skipped: the raw images of {dataset.name} are not found (nnUNet_raw).")
+        return leakage, notes
+    images = nnunet_raw_case_images(raw, json.loads((raw / "dataset.json").read_text()), test_cases)
+    missing = [str(p) for paths in images.values() for p in paths if not Path(p).is_file()]
+    if missing:
+        notes.append(f"leakage check skipped: {len(missing)} held-out image file(s) missing, first {missing[0]}.")
+        return leakage, notes
+    for path, checkpoint in checkpoints.items():
+        if not checkpoint.pretraining_scans:
+            notes.append(f"leakage check not possible for {path}: it records no pretraining scan fingerprints "
+                         f"(source {checkpoint.source}).")
+            continue
+        leaked = find_leaked(images, checkpoint.pretraining_scans)
+        if leaked:
+            leakage[path] = leaked
+    return leakage, notes
+
+
+# ----------------------------------------------------------------------------------------------- the study
+
+def _header(settings: StudySettings, dataset: _Dataset, arms: List[Arm], test_cases: List[str],
+            leakage: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "format": STUDY_FORMAT,
+        "dataset": dataset.name,
+        "configuration": settings.configuration,
+        "plans": settings.plans,
+        "trainer": settings.trainer,
+        "budget": asdict(settings.budget),
+        "device": settings.device,
+        "test_fraction": settings.test_fraction,
+        "test_cases": test_cases,
+        "labelled": sorted(set(settings.labelled)),
+        "seeds": settings.seeds,
+        "arms": [asdict(arm) for arm in arms],
+        "leakage": leakage,
+    }
+
+
+# What must match for a rerun to resume rather than start another study in the same folder.
+_RESUME_KEYS = ("dataset", "configuration", "plans", "budget", "test_fraction", "test_cases")
+
+
+def _check_resumable(study_json: Path, header: Dict[str, Any]) -> None:
+    if not study_json.is_file():
+        return
+    previous = json.loads(study_json.read_text())
+    changed = [key for key in _RESUME_KEYS if previous.get(key) != header[key]]
+    if changed:
+        raise SMITError(f"{study_json.parent} holds a study with other settings ({', '.join(changed)}); use a new "
+                        "-o folder, or the same settings to resume it.")
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{int(round(seconds))} s"
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def run_study(settings: StudySettings) -> Path:
+    """Check everything, train every unfinished arm, and write study.json / study.md / study.png into OUT.
+
+    Returns:
+        The path of ``study.md``.
+    """
+    dataset = resolve_dataset(settings.dataset, settings.configuration, settings.plans)
+    test_cases = held_out_cases(dataset.case_ids, settings.test_fraction)
+    pool = [c for c in dataset.case_ids if c not in set(test_cases)]
+    subsets = labelled_sets(pool, settings.labelled, settings.seeds)
+    arms, checkpoints = build_arms(settings)
+    trainers = {arm.trainer: find_trainer(arm.trainer) for arm in arms}
+    leakage, notes = check_leakage(dataset, test_cases, checkpoints)
+    for note in notes:
+        logger.warning(note)
+    for path, cases in leakage.items():
+        logger.warning("LEAKAGE: held-out case(s) %s were in the pretraining data of %s (matching scans: %s); their "
+                       "Dice overstates what the encoder does on unseen scans.", ", ".join(sorted(cases)), path,
+                       ", ".join(sorted({s for scans in cases.values() for s in scans})))
+
+    out = Path(settings.output)
+    out.mkdir(parents=True, exist_ok=True)
+    header = _header(settings, dataset, arms, test_cases, leakage)
+    study_json = out / "study.json"
+    _check_resumable(study_json, header)
+    (out / "test_cases.json").write_text(json.dumps({"dataset": dataset.name, "test_cases": test_cases}, indent=2))
+    folds = assign_folds(dataset.preprocessed / "splits_final.json", dataset.case_ids,
+                         [(s.train_cases, test_cases) for s in subsets])
+    label_names = {str(value): name for name, value in dataset.dataset_json["labels"].items()
+                   if not isinstance(value, (list, tuple))}
+
+    jobs = [(subset, fold, arm) for subset, fold in zip(subsets, folds) for arm in arms]
+    device = torch.device(settings.device)
+    if device.type == "cpu":
+        import multiprocessing
+
+        torch.set_num_threads(multiprocessing.cpu_count())  # as nnUNetv2_train does on the CPU
+    rows: List[Dict[str, Any]] = []
+    durations: Dict[str, List[float]] = {}
+    labelled = sorted(set(settings.labelled))
+    arm_names = [arm.name for arm in arms]
+
+    def write_outputs() -> None:
+        report.write_study_json(study_json, header, rows)
+        report.write_study_md(out / "study.md", header, rows, arm_names, labelled)
+        report.plot_study(out / "study.png", rows, arm_names,
+                          f"{dataset.name}: held-out Dice ({len(test_cases)} cases), {settings.seeds} seed(s)")
+
+    def fold_of(fold: int, arm: Arm) -> Path:
+        return fold_folder(out / "arms" / arm.name, dataset.name, arm.trainer, settings.plans,
+                           settings.configuration, fold)
+
+    def finished(folder: Path) -> bool:
+        return (folder / "validation" / "summary.json").is_file() and (folder / "checkpoint_final.pth").is_file()
+
+    earlier = {(r["arm"], r["labelled"], r["seed"]): r.get("seconds")
+               for r in (json.loads(study_json.read_text()).get("rows", []) if study_json.is_file() else [])}
+    for index, (subset, fold, arm) in enumerate(jobs, start=1):
+        arm_results = out / "arms" / arm.name
+        folder = fold_of(fold, arm)
+        summary = folder / "validation" / "summary.json"
+        what = f"arm {index} of {len(jobs)}: {arm.name}, k={subset.labelled}, seed {subset.seed} (fold {fold})"
+        trained_now = not finished(folder)
+        if not trained_now:
+            print(f"[smit_study] {what}: finished earlier, skipped", flush=True)
+            seconds = earlier.get((arm.name, subset.labelled, subset.seed))
+        else:
+            eta = ""
+            if durations:  # the mean time of each arm so far (of all arms for one not yet timed)
+                mean_all = sum(sum(v) for v in durations.values()) / sum(len(v) for v in durations.values())
+                estimate = sum(sum(durations[a.name]) / len(durations[a.name]) if a.name in durations else mean_all
+                               for _, f, a in jobs[index - 1:] if not finished(fold_of(f, a)))
+                eta = f"; about {_format_seconds(estimate)} left"
+            print(f"[smit_study] {what}: training on {', '.join(subset.train_cases)}{eta}", flush=True)
+            seconds = train_arm(trainers[arm.trainer], dataset.plans, dataset.dataset_json, settings.configuration,
+                                fold, arm, arm_results, settings.budget, device)
+            durations.setdefault(arm.name, []).append(seconds)
+        row = {"arm": arm.name, "encoder": arm.encoder, "trainer": arm.trainer, "labelled": subset.labelled,
+               "seed": subset.seed, "fold": fold, "train_cases": list(subset.train_cases), "test_cases": test_cases,
+               **read_dice(summary, label_names), "results_folder": str(folder),
+               "seconds": None if seconds is None else round(seconds, 1)}
+        rows.append(row)
+        if trained_now:
+            print(f"[smit_study] {what}: Dice {row['dice']:.3f} in {_format_seconds(seconds)}"
+                  if row["dice"] is not None else f"[smit_study] {what}: no Dice (no foreground)", flush=True)
+        write_outputs()
+    write_outputs()
+    print(report.markdown_table(rows, arm_names, labelled), flush=True)
+    return out / "study.md"

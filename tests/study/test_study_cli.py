@@ -1,0 +1,156 @@
+"""smit_study end to end on a tiny planned dataset: arms, outputs, resume, leakage and one-line errors.
+
+Trains 6 tiny arms (1 epoch of 1 iteration each) through nnU-Net on the CPU: about 2 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nnunet_smit.architectures import SMITConfig, SwinEncoder
+from nnunet_smit.checkpoint import load_encoder_checkpoint, save_encoder_checkpoint
+from nnunet_smit.fingerprints import fingerprint_image_file
+from nnunet_smit.study.cli import main
+from nnunet_smit.study.study import check_leakage, resolve_dataset
+from tests.trainers.synthetic_dataset import write_dataset
+
+DATASET_ID = 902
+ROW_FIELDS = {"encoder", "labelled", "seed", "train_cases", "test_cases", "dice", "dice_per_class"}
+
+
+def _encoder(path: Path, scans: dict) -> Path:
+    config = SMITConfig.preset("tiny")
+    save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config, scan_fingerprints=scans)
+    return path
+
+
+@pytest.fixture(scope="module")
+def nnunet_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    dirs = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
+        d.mkdir()
+    name, _ = write_dataset(dirs["nnUNet_raw"], DATASET_ID, num_cases=6, num_test_cases=0)
+    saved = {k: os.environ.get(k) for k in (*dirs, "nnUNet_n_proc_DA", "nnUNet_def_n_proc", "nnUNet_compile")}
+    os.environ.update({k: str(v) for k, v in dirs.items()})
+    os.environ.update(nnUNet_def_n_proc="1", nnUNet_compile="f", nnUNet_n_proc_DA="0")
+    yield root, dirs, name
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_is_one_line_before_anything_trains(nnunet_dirs, capsys):
+    root, dirs, name = nnunet_dirs
+    out = root / "never"
+    err = _one_line_error(capsys, ["-d", str(DATASET_ID), "-o", str(out), "--baselines", "scratch",
+                                   "--trainer", "nnUNetTrainerSMIT_tiny", "-device", "cpu"])
+    assert f"nnUNetv2_plan_and_preprocess -d {DATASET_ID} -c 3d_fullres" in err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def study(nnunet_dirs):
+    """Plan the dataset, then one study: an encoder whose pretraining saw the held-out case, scratch, nnunet."""
+    root, dirs, name = nnunet_dirs
+    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
+                    "-npfp", "1"], env={**os.environ, "nnUNet_n_proc_DA": "1"}, check=True, capture_output=True)
+    images = dirs["nnUNet_raw"] / name / "imagesTr"
+    leaky = _encoder(root / "leaky.pt", {fingerprint_image_file(p): p.name for p in sorted(images.iterdir())})
+    argv = ["-d", str(DATASET_ID), "-o", str(root / "out"), "--encoder", str(leaky), "--labelled", "1", "2",
+            "--seeds", "1", "--trainer", "nnUNetTrainerSMIT_tiny", "--epochs", "1", "--iterations_per_epoch", "1",
+            "--disable_tta", "-device", "cpu"]
+    assert main(argv) == 0
+    return root, dirs, name, argv, leaky
+
+
+def test_every_arm_trains_on_the_same_cases_and_is_scored_on_the_held_out_set(study):
+    root, dirs, name, _, leaky = study
+    result = json.loads((root / "out" / "study.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 6  # 3 arms x k in {1, 2} x 1 seed
+    assert {r["encoder"] for r in rows} == {str(leaky), "scratch", "nnunet"}
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        assert 0.0 <= row["dice"] <= 1.0 and set(row["dice_per_class"]) == {"liver", "bone"}
+        assert row["test_cases"] == result["test_cases"] and len(row["test_cases"]) == 1
+        assert not set(row["train_cases"]) & set(row["test_cases"]) and len(row["train_cases"]) == row["labelled"]
+        assert (Path(row["results_folder"]) / "validation" / "summary.json").is_file()
+    by_k = {k: {tuple(r["train_cases"]) for r in rows if r["labelled"] == k} for k in (1, 2)}
+    assert len(by_k[1]) == len(by_k[2]) == 1  # identical cases across arms
+    (one,), (two,) = by_k[1], by_k[2]
+    assert set(one) < set(two)  # nested
+    assert len({r["results_folder"] for r in rows}) == 6  # every arm has its own folder
+
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    splits = json.loads((dirs["nnUNet_preprocessed"] / name / "splits_final.json").read_text())
+    cases = sorted(f"toy_{i:03d}" for i in range(6))
+    assert splits[:5] == generate_crossval_split(cases, seed=12345, n_splits=5)
+    assert sorted(r["fold"] for r in rows) == [5, 5, 5, 6, 6, 6]
+    assert splits[5] == {"train": list(one), "val": result["test_cases"]}
+    assert splits[6] == {"train": sorted(two), "val": result["test_cases"]}
+    assert (root / "out" / "study.md").read_text().count("(n=1)") == 6
+    assert (root / "out" / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_held_out_case_seen_in_pretraining_is_reported_and_a_clean_encoder_is_not(study, caplog):
+    root, dirs, name, _, leaky = study
+    result = json.loads((root / "out" / "study.json").read_text())
+    test_case = result["test_cases"][0]
+    assert result["leakage"] == {str(leaky): {test_case: [f"{test_case}_0000.nii.gz"]}}
+    assert f"held-out cases seen in pretraining: {leaky}: {test_case}" in (root / "out" / "study.md").read_text()
+
+    images = dirs["nnUNet_raw"] / name / "imagesTr"
+    clean = _encoder(root / "clean.pt", {fingerprint_image_file(p): p.name for p in sorted(images.iterdir())
+                                         if not p.name.startswith(test_case)})
+    leakage, notes = check_leakage(resolve_dataset(str(DATASET_ID), "3d_fullres", "nnUNetPlans"), [test_case],
+                                   {str(clean): load_encoder_checkpoint(clean)})
+    assert leakage == {} and notes == []
+
+
+def test_a_rerun_skips_finished_arms(study, capsys):
+    root, dirs, name, argv, _ = study
+    rows = json.loads((root / "out" / "study.json").read_text())["rows"]
+    stamps = {r["results_folder"]: (Path(r["results_folder"]) / "checkpoint_final.pth").stat().st_mtime_ns
+              for r in rows}
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 6 and "training on" not in out
+    again = json.loads((root / "out" / "study.json").read_text())["rows"]
+    assert [(r["arm"], r["labelled"], r["dice"]) for r in again] == [(r["arm"], r["labelled"], r["dice"]) for r in rows]
+    assert all((Path(f) / "checkpoint_final.pth").stat().st_mtime_ns == t for f, t in stamps.items())
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--labelled", "9"], "--labelled 9 is larger than the 5 cases left"),
+    (["--trainer", "nnUNetTrainerSMIT_nope"], "unknown trainer 'nnUNetTrainerSMIT_nope'"),
+    (["--trainer", "nnUNetTrainer"], "is not a SMIT trainer"),
+    (["--encoder", "BROKEN"], "does not load"),
+])
+def test_bad_input_on_a_planned_dataset_is_one_line(study, capsys, tmp_path, change, message):
+    root, dirs, name, argv, _ = study
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    args = ["-d", str(DATASET_ID), "-o", str(tmp_path / "out"), "--seeds", "1", "--labelled", "1",
+            "--trainer", "nnUNetTrainerSMIT_tiny", "-device", "cpu"]
+    if change[0] != "--encoder":
+        args += ["--encoder", str(root / "leaky.pt")]
+    args += [str(broken) if item == "BROKEN" else item for item in change]  # argparse: the later value wins
+    err = _one_line_error(capsys, args)
+    assert message in err, err
+    assert not (tmp_path / "out").exists()
