@@ -21,24 +21,38 @@ from nnunet_smit.errors import SMITError
 # torch.compile's modes (PretrainConfig.compile_mode checks against the same tuple).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# Settings of --demo: the tiny preset on 64^3 views of phantoms, about 200 steps (minutes on a laptop CPU).
+# Settings of --demo: the tiny preset on 64^3 views of 3 mm phantoms, 288 steps (6.5 min on a shared 2-core CPU,
+# one thread), chosen so that a short run shows every objective learning (docs/pretraining-demo.md).
 DEMO_SETTINGS: Dict[str, Any] = {
     "preset": "tiny",
     "view_size": 64,
     "region_size": 96,
-    "batch_size": 2,
+    "batch_size": 2,  # the least KoLeo works with
     "samples_per_epoch": 16,
-    "epochs": 25,
+    "epochs": 36,
     "warmup_epochs": 2,
-    "teacher_temp_warmup_epochs": 5,
-    "head_hidden_dim": 512,
-    "head_bottleneck_dim": 128,
-    "head_out_dim": 1024,
+    # 20x the default: the reconstruction head's 6M weights must move from their random start within 288 steps.
+    "base_lr": 2e-3,
+    "min_lr": 1e-3,  # keeps learning to the end: a short run has no plateau to anneal into
+    "momentum_teacher": 0.99,  # at 0.996 the teacher keeps half of its random start after 200 steps
+    # Less than the authors' 0.7 of 16^3 cubes: each 32^3 block (one bottleneck token) keeps half its voxels visible.
+    "mask_ratio": 0.5,
+    "mask_cube_size": 8,
+    # Sharper than 0.04: the views' embeddings differ little early on, and 0.04 leaves the teacher near uniform.
+    "teacher_temp_start": 0.025,
+    "teacher_temp_end": 0.025,
+    "weight_koleo": 0.2,  # spreads the 2 scans of a step further apart (the teacher's only source of contrast)
+    # Small heads: in 32 dimensions embeddings meet 256 prototypes at larger angles than in 128 with 1024.
+    "head_hidden_dim": 256,
+    "head_bottleneck_dim": 32,
+    "head_out_dim": 256,
     "num_workers": 1,
     "log_every_steps": 4,
-    "preview_every_epochs": 5,
+    "preview_every_epochs": 6,
 }
 DEMO_CASES = 8
+# --demo's cache spacing (mm, z y x): DEMO_PHANTOM's voxels, and what nnU-Net plans for the fine-tuning demo.
+DEMO_SPACING_MM = (3.0, 3.0, 3.0)
 
 # argparse destination -> PretrainConfig field, for options that map one to one.
 CONFIG_OPTIONS = (
@@ -62,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder with CT scans (NIfTI, NRRD, MetaImage, DICOM, nnU-Net raw); repeatable")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="run folder (checkpoints, logs, export)")
     parser.add_argument("--demo", action="store_true",
-                        help=f"generate {DEMO_CASES} CT-like phantoms into OUT/demo_data and pretrain the tiny preset")
+                        help=f"generate {DEMO_CASES} phantoms into OUT/demo_data, pretrain the tiny preset at 3 mm")
     parser.add_argument("--preset", help="encoder preset (default smit_small; tiny for CPU tests)")
     parser.add_argument("--init_encoder", metavar="FILE",
                         help="start student and teacher encoders from these weights instead of random ones (an "
@@ -108,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intensity_jitter", type=float, help="random scale/shift of view intensities (0)")
     parser.add_argument("--body_bias", type=float, help="probability of a body-centred region (0.9)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
-                        help="target spacing of the cache in mm (2 2 2)")
+                        help="target spacing of the cache in mm (2 2 2; 3 3 3 with --demo)")
     parser.add_argument("--hu_window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="HU window mapped to [0, 1] (-175 250)")
     parser.add_argument("--cache_dir", help="preprocessed cache folder (default OUT/cache); reusable across runs")
@@ -167,9 +181,22 @@ def config_from_args(args: argparse.Namespace):
     return PretrainConfig(**values)
 
 
+def preprocessing_from_args(args: argparse.Namespace):
+    """PretrainPreprocessing from parsed arguments (the demo's spacing first, then explicit options)."""
+    from nnunet_smit.conventions import PretrainPreprocessing
+
+    preprocessing_kwargs: Dict[str, Any] = {}
+    if args.spacing:
+        preprocessing_kwargs["target_spacing_mm"] = tuple(args.spacing)
+    elif args.demo:
+        preprocessing_kwargs["target_spacing_mm"] = DEMO_SPACING_MM
+    if args.hu_window:
+        preprocessing_kwargs["hu_window"] = tuple(args.hu_window)
+    return PretrainPreprocessing(**preprocessing_kwargs)
+
+
 def run(args: argparse.Namespace) -> Path:
     """Everything ``smit_pretrain`` does after parsing; returns the exported checkpoint (or cache folder)."""
-    from nnunet_smit.conventions import PretrainPreprocessing
     from nnunet_smit.pretraining.engine import run_pretraining
 
     output = Path(args.output)
@@ -177,10 +204,10 @@ def run(args: argparse.Namespace) -> Path:
     if args.demo:
         demo_dir = output / "demo_data"
         if int(os.environ.get("RANK", "0")) == 0 and not any(demo_dir.glob("*.nii.gz")):
-            from nnunet_smit.pretraining.phantoms import generate_phantom_corpus
+            from nnunet_smit.pretraining.phantoms import DEMO_PHANTOM, generate_phantom_corpus
 
             logging.getLogger(__name__).info("writing %d phantoms to %s", DEMO_CASES, demo_dir)
-            generate_phantom_corpus(demo_dir, n_cases=DEMO_CASES, seed=0)
+            generate_phantom_corpus(demo_dir, n_cases=DEMO_CASES, seed=0, **DEMO_PHANTOM)
         sources.append(demo_dir)
     if not sources:
         raise SMITError("no input folder given; pass -d DIR (repeatable) or --demo.")
@@ -189,15 +216,10 @@ def run(args: argparse.Namespace) -> Path:
         if not source.is_dir():
             raise SMITError(f"input folder {source} does not exist or is not a folder; pass an existing folder with -d.")
     config = config_from_args(args)
-    preprocessing_kwargs: Dict[str, Any] = {}
-    if args.spacing:
-        preprocessing_kwargs["target_spacing_mm"] = tuple(args.spacing)
-    if args.hu_window:
-        preprocessing_kwargs["hu_window"] = tuple(args.hu_window)
     return run_pretraining(
         sources, output, config,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        preprocessing=PretrainPreprocessing(**preprocessing_kwargs),
+        preprocessing=preprocessing_from_args(args),
         cache_workers=args.cache_workers,
         cache_only=args.cache_only,
     )

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_smit.pretraining.cli import build_parser, config_from_args, main
+from nnunet_smit.pretraining.cli import (DEMO_CASES, DEMO_SETTINGS, DEMO_SPACING_MM, build_parser, config_from_args,
+                                         main, preprocessing_from_args)
 from tests.pretraining.training_support import phantom_dirs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,6 +67,32 @@ def test_centering_option_reaches_the_config():
     assert config_from_args(parser.parse_args(["-o", "x", "--centering", "center"])).centering == "center"
     with pytest.raises(SystemExit):
         parser.parse_args(["-o", "x", "--centering", "mean"])
+
+
+def test_demo_settings_make_a_valid_run_at_the_demo_spacing_and_explicit_options_override_them():
+    parser = build_parser()
+    demo = parser.parse_args(["-o", "x", "--demo"])
+    config = config_from_args(demo)
+    assert {name: getattr(config, name) for name in DEMO_SETTINGS} == DEMO_SETTINGS
+    assert preprocessing_from_args(demo).target_spacing_mm == DEMO_SPACING_MM == (3.0, 3.0, 3.0)
+    explicit = parser.parse_args(["-o", "x", "--demo", "--spacing", "2", "2", "2", "--base_lr", "1e-5"])
+    assert preprocessing_from_args(explicit).target_spacing_mm == (2.0, 2.0, 2.0)
+    assert config_from_args(explicit).base_lr == 1e-5
+    assert preprocessing_from_args(parser.parse_args(["-o", "x"])).target_spacing_mm == (2.0, 2.0, 2.0)
+
+
+def test_every_demo_phantom_holds_a_demo_view_at_the_demo_spacing():
+    # The cache skips scans smaller than the view: a demo whose phantoms were skipped would have nothing to learn.
+    import numpy as np
+
+    from nnunet_smit.pretraining.cache import preprocess_ct
+    from nnunet_smit.pretraining.phantoms import DEMO_PHANTOM, generate_phantom_volume
+
+    preprocessing = preprocessing_from_args(build_parser().parse_args(["-o", "x", "--demo"]))
+    for case in range(DEMO_CASES):  # generate_phantom_corpus's cases, seed 0
+        hu, spacing = generate_phantom_volume(np.random.default_rng([0, case]), **DEMO_PHANTOM)
+        array, _ = preprocess_ct(hu, spacing, preprocessing)
+        assert min(array.shape) >= DEMO_SETTINGS["view_size"], (case, array.shape)
 
 
 def test_missing_input_folder_is_a_one_line_error(tmp_path, capsys):
