@@ -91,7 +91,7 @@ def nnunet_crossval_splits(case_ids: Sequence[str]) -> List[Dict[str, List[str]]
 
     if len(case_ids) < NNUNET_FOLDS:
         raise SMITError(f"the dataset has {len(case_ids)} training cases and no splits_final.json; nnU-Net's "
-                        f"{NNUNET_FOLDS}-fold split (which the study keeps as folds 0-4) needs at least {NNUNET_FOLDS}.")
+                        f"{NNUNET_FOLDS}-fold split (kept by the study as folds 0-4) needs at least {NNUNET_FOLDS}.")
     return generate_crossval_split(sorted(case_ids), seed=NNUNET_SPLIT_SEED, n_splits=NNUNET_FOLDS)
 
 

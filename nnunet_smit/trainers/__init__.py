@@ -5,9 +5,11 @@ from nnunet_smit.trainers.nnUNetTrainerSMIT import (
     nnUNetTrainerSMITScratch,
 )
 from nnunet_smit.trainers.variants import (
+    nnUNetTrainerSMIT_64,
     nnUNetTrainerSMIT_96,
     nnUNetTrainerSMIT_128,
     nnUNetTrainerSMIT_tiny,
+    nnUNetTrainerSMITScratch_64,
     nnUNetTrainerSMITScratch_96,
     nnUNetTrainerSMITScratch_128,
     nnUNetTrainerSMITScratch_tiny,
@@ -17,9 +19,11 @@ __all__ = [
     "nnUNetTrainerSMIT",
     "nnUNetTrainerSMITFrozenEncoder",
     "nnUNetTrainerSMITScratch",
+    "nnUNetTrainerSMIT_64",
     "nnUNetTrainerSMIT_96",
     "nnUNetTrainerSMIT_128",
     "nnUNetTrainerSMIT_tiny",
+    "nnUNetTrainerSMITScratch_64",
     "nnUNetTrainerSMITScratch_96",
     "nnUNetTrainerSMITScratch_128",
     "nnUNetTrainerSMITScratch_tiny",

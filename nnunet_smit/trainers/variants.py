@@ -6,6 +6,12 @@ import torch
 from nnunet_smit.trainers.nnUNetTrainerSMIT import nnUNetTrainerSMIT, nnUNetTrainerSMITScratch
 
 
+class nnUNetTrainerSMIT_64(nnUNetTrainerSMIT):
+    """Fixed 64^3 patch, the smallest the Swin encoder takes: CPU-sized runs such as smit_demo's."""
+
+    fixed_patch_size = (64, 64, 64)
+
+
 class nnUNetTrainerSMIT_96(nnUNetTrainerSMIT):
     """Fixed 96^3 patch, as the authors fine-tune (batch size matched to the planned voxel budget)."""
 
@@ -16,6 +22,12 @@ class nnUNetTrainerSMIT_128(nnUNetTrainerSMIT):
     """Fixed 128^3 patch (batch size matched to the planned voxel budget)."""
 
     fixed_patch_size = (128, 128, 128)
+
+
+class nnUNetTrainerSMITScratch_64(nnUNetTrainerSMITScratch):
+    """Random-init baseline of nnUNetTrainerSMIT_64."""
+
+    fixed_patch_size = (64, 64, 64)
 
 
 class nnUNetTrainerSMITScratch_96(nnUNetTrainerSMITScratch):

@@ -1,0 +1,285 @@
+"""``smit_demo -o OUT``: the whole chain on generated CT-like phantoms, with the public commands a user types.
+
+1. ``smit_pretrain --demo``: phantoms without labels, the tiny preset pretrained on them, an encoder exported.
+2. A labelled nnU-Net raw dataset of other phantoms (liver, spleen, kidneys), planned and preprocessed with
+   ``nnUNetv2_plan_and_preprocess``.
+3. ``smit_study``: the pretrained encoder against the same network from random init and nnU-Net's default trainer,
+   on nested sets of labelled cases, scored on held-out cases.
+4. ``nnUNetv2_predict`` with the pretrained arm on the held-out cases, Dice against their labels, and an overlay.
+
+Everything lands under OUT; each step prints what it does and its command. Rerunning resumes: finished steps are
+skipped (pretraining and the study resume themselves). With a CUDA GPU the demo trains longer (``GPU_SETTINGS``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from nnunet_smit.errors import SMITError
+
+DATASET_ID = 990
+DATASET_NAME = f"Dataset{DATASET_ID}_SMITDemo"
+# Labelled phantoms are drawn from another seed than smit_pretrain --demo's, so no scan is in both.
+LABELLED_SEED = 1000
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run.
+
+    Attributes:
+        labelled_cases: labelled phantoms in the nnU-Net dataset (a fifth is held out for testing).
+        labelled: numbers of labelled training cases the study compares.
+        seeds: draws of the labelled cases per number.
+        epochs / iterations_per_epoch: the budget of every study arm.
+        pretrain_args: extra ``smit_pretrain`` options on top of ``--demo``.
+        disable_tta: score without mirroring (8x faster validation on a CPU).
+        trainer: the SMIT trainer of the study (its Scratch twin trains the scratch arm).
+    """
+
+    labelled_cases: int
+    labelled: Sequence[int]
+    seeds: int
+    epochs: int
+    iterations_per_epoch: int
+    pretrain_args: Sequence[str] = ()
+    disable_tta: bool = True
+    trainer: str = "nnUNetTrainerSMIT"
+
+
+# About 15 minutes on a 2-core CPU (docs/study.md has the measured times).
+# On a CPU: the smallest patch the encoder takes (64^3), and a budget that only shows the chain working.
+CPU_SETTINGS = DemoSettings(labelled_cases=10, labelled=(1, 4), seeds=2, epochs=2, iterations_per_epoch=4,
+                            trainer="nnUNetTrainerSMIT_64")
+GPU_SETTINGS = DemoSettings(labelled_cases=20, labelled=(1, 2, 4, 8), seeds=3, epochs=50, iterations_per_epoch=50,
+                            pretrain_args=("--epochs", "200", "--samples_per_epoch", "64", "--batch_size", "4"),
+                            disable_tta=False)
+
+
+def _say(message: str) -> None:
+    print(f"[smit_demo] {message}", flush=True)
+
+
+def _run(command: List[str], env: Dict[str, str], log: Path) -> str:
+    """Run a public command, its output into ``log``; returns its last stdout line. One-line error on failure."""
+    _say("$ " + " ".join(shlex.quote(c) for c in command) + f"   (log: {log})")
+    start = time.time()
+    with open(log, "w") as handle:
+        result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=handle, text=True)
+        handle.write(result.stdout)
+    if result.returncode != 0:
+        tail = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise SMITError(f"{command[0]} failed (exit {result.returncode}): {tail[0].strip()}; see {log}.")
+    _say(f"  done in {time.time() - start:.0f} s")
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def write_labelled_dataset(raw_root: Path, n_cases: int, seed: int = LABELLED_SEED) -> Path:
+    """An nnU-Net raw dataset of ``n_cases`` labelled phantoms (``DEMO_PHANTOM`` sizes); returns its folder."""
+    from nnunet_smit.pretraining.phantoms import (
+        DEMO_PHANTOM,
+        ORGAN_LABELS,
+        generate_labelled_phantom,
+        write_phantom_image,
+    )
+
+    folder = raw_root / DATASET_NAME
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_cases):
+        image = folder / "imagesTr" / f"demo_{i:03d}_0000.nii.gz"
+        labels = folder / "labelsTr" / f"demo_{i:03d}.nii.gz"
+        if image.is_file() and labels.is_file():
+            continue
+        hu, organ_labels, spacing = generate_labelled_phantom(np.random.default_rng([seed, i]), **DEMO_PHANTOM)
+        write_phantom_image(organ_labels, spacing, labels)
+        write_phantom_image(hu, spacing, image)
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": ORGAN_LABELS, "numTraining": n_cases,
+                    "file_ending": ".nii.gz", "name": "SMIT demo phantoms (liver, spleen, kidneys)"}
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return folder
+
+
+def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Dict[str, int]) -> Dict[str, float]:
+    """Dice of every foreground label (1.0 when a label is absent from both)."""
+    out = {}
+    for name, value in labels.items():
+        if value == 0:
+            continue
+        p, r = prediction == value, reference == value
+        denominator = p.sum() + r.sum()
+        out[name] = float(2 * np.logical_and(p, r).sum() / denominator) if denominator else 1.0
+    return out
+
+
+def plot_overlay(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, path: Path, title: str) -> None:
+    """Three orthogonal slices through the organs: CT (soft-tissue window), reference contours and prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    colours = ListedColormap([(0, 0, 0, 0), (0.85, 0.35, 0.2, 0.45), (0.3, 0.5, 0.95, 0.45), (0.3, 0.8, 0.3, 0.45)])
+    z, y, x = (int(np.median(axis)) for axis in np.nonzero(reference)) if reference.any() else \
+        (s // 2 for s in reference.shape)
+    views = [("axial", np.s_[z, :, :]), ("coronal", np.s_[::-1, y, :]), ("sagittal", np.s_[::-1, :, x])]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7), dpi=110)
+    for column, (name, index) in enumerate(views):
+        for row, (what, seg) in enumerate((("reference", reference), ("prediction", prediction))):
+            ax = axes[row, column]
+            ax.imshow(np.clip(image[index], -175, 250), cmap="gray", aspect="auto")
+            ax.imshow(seg[index], cmap=colours, vmin=0, vmax=3, interpolation="nearest", aspect="auto")
+            ax.contour(reference[index] > 0, levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.set_title(f"{name}: {what}", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title + "\nliver orange, spleen blue, kidneys green; yellow line: reference outline", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
+    """The whole chain; returns the summary file (``OUT/demo_summary.md``)."""
+    import SimpleITK as sitk
+
+    from nnunet_smit.pretraining.phantoms import ORGAN_LABELS
+
+    output = output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    logs = output / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_") or k == "nnUNet_extTrainer"}
+    env.update(nnUNet_raw=str(output / "nnUNet_raw"), nnUNet_preprocessed=str(output / "nnUNet_preprocessed"),
+               nnUNet_results=str(output / "nnUNet_results"), nnUNet_compile="f", PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0")  # two cores: no worker processes
+    start = time.time()
+
+    _say(f"step 1/4: pretrain the tiny SMIT encoder on unlabelled phantoms (device {device})")
+    encoder = Path(_run(["smit_pretrain", "--demo", "-o", str(output / "pretrain"), "--device", device,
+                         "--no_progress", *settings.pretrain_args], env, logs / "pretrain.log"))
+    if not encoder.is_file():
+        raise SMITError(f"smit_pretrain did not name its exported encoder (last line {str(encoder)!r}); see "
+                        f"{logs / 'pretrain.log'}.")
+    _say(f"  encoder: {encoder}")
+
+    _say(f"step 2/4: write {settings.labelled_cases} labelled phantoms as {DATASET_NAME}, plan and preprocess")
+    raw = write_labelled_dataset(output / "nnUNet_raw", settings.labelled_cases)
+    plans = output / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans.json"
+    if not plans.is_file() or not (plans.parent / "nnUNetPlans_3d_fullres").is_dir():
+        # nnU-Net's planner sets torch's threads to nnUNet_n_proc_DA, which must not be 0 there
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+             {**env, "nnUNet_n_proc_DA": "1"}, logs / "plan_and_preprocess.log")
+    else:
+        _say("  planned and preprocessed earlier, skipped")
+
+    _say("step 3/4: smit_study: pretrained vs scratch vs nnU-Net default on the same labelled cases")
+    study_dir = output / "study"
+    command = ["smit_study", "-d", str(DATASET_ID), "-o", str(study_dir), "--encoder", str(encoder),
+               "--labelled", *map(str, settings.labelled), "--seeds", str(settings.seeds),
+               "--trainer", settings.trainer,
+               "--epochs", str(settings.epochs), "--iterations_per_epoch", str(settings.iterations_per_epoch),
+               "-device", device] + (["--disable_tta"] if settings.disable_tta else [])
+    _run(command, env, logs / "study.log")
+    study = json.loads((study_dir / "study.json").read_text())
+
+    _say("step 4/4: nnUNetv2_predict the held-out cases with the pretrained arm (most labels, seed 0)")
+    pretrained = study["arms"][0]["name"]
+    row = max((r for r in study["rows"] if r["arm"] == pretrained and r["seed"] == 0), key=lambda r: r["labelled"])
+    held_out = output / "held_out_images"
+    shutil.rmtree(held_out, ignore_errors=True)
+    held_out.mkdir()
+    for case in study["test_cases"]:
+        shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", held_out)
+    predictions = output / "predictions"
+    _run(["nnUNetv2_predict", "-i", str(held_out), "-o", str(predictions), "-d", str(DATASET_ID), "-c", "3d_fullres",
+          "-tr", settings.trainer, "-f", str(row["fold"]), "-chk", "checkpoint_final.pth", "-device", device,
+          "-npp", "1", "-nps", "1"] + (["--disable_tta"] if settings.disable_tta else []),
+         {**env, "nnUNet_results": str(study_dir / "arms" / pretrained)}, logs / "predict.log")
+    def array(path: Path) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+    lines = []
+    for case in study["test_cases"]:
+        dice = dice_per_class(array(predictions / f"{case}.nii.gz"), array(raw / "labelsTr" / f"{case}.nii.gz"),
+                              ORGAN_LABELS)
+        cells = [f"{v:.3f}" for v in dice.values()] + [f"{np.mean(list(dice.values())):.3f}"]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    first = study["test_cases"][0]
+    overlay = output / "overlay.png"
+    plot_overlay(array(raw / "imagesTr" / f"{first}_0000.nii.gz"), array(raw / "labelsTr" / f"{first}.nii.gz"),
+                 array(predictions / f"{first}.nii.gz"), overlay,
+                 f"{first}: nnUNetv2_predict, pretrained encoder fine-tuned on {row['labelled']} labelled cases")
+
+    pretrain_dir = output / "pretrain"
+    previews = sorted((pretrain_dir / "plots").glob("reconstruction_epoch*.png"))
+    pngs = [p for p in [pretrain_dir / "plots" / "loss_curves.png", *previews[-1:]] if p.is_file()]
+    organ_names = [n for n, v in ORGAN_LABELS.items() if v]
+    summary = "\n".join([
+        "# smit_demo summary",
+        "",
+        f"Held-out Dice of every arm (from {study_dir / 'study.md'}):",
+        "",
+        (study_dir / "study.md").read_text().split("\n\n", 2)[2].split("\n\nArms:")[0],
+        "",
+        f"nnUNetv2_predict on the held-out cases, pretrained arm trained on {row['labelled']} labelled cases "
+        f"(fold {row['fold']}):",
+        "",
+        "| case | " + " | ".join(organ_names) + " | mean |",
+        "|---|" + "---|" * (len(organ_names) + 1),
+        *lines,
+        "",
+        "Pictures:",
+        f"- study plot: {study_dir / 'study.png'}",
+        f"- prediction overlay: {overlay}",
+        *[f"- pretraining: {p}" for p in pngs],
+        "",
+        f"Whole demo: {(time.time() - start) / 60:.1f} min on {device}.",
+    ])
+    summary_file = output / "demo_summary.md"
+    summary_file.write_text(summary + "\n")
+    print(summary, flush=True)
+    return summary_file
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="smit_demo",
+        description="The whole chain on generated CT-like phantoms: smit_pretrain, nnU-Net planning, smit_study "
+        "(pretrained vs scratch vs nnU-Net default) and nnUNetv2_predict; about 15 minutes on a 2-core CPU. "
+        "Rerun the same command to resume.",
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="demo folder")
+    parser.add_argument("-device", "--device", choices=["cpu", "cuda"],
+                        help="default cuda when available (larger settings), else cpu")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = GPU_SETTINGS if device == "cuda" else CPU_SETTINGS
+    try:
+        run_demo(Path(args.output), device, settings)
+    except SMITError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
