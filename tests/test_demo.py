@@ -1,0 +1,58 @@
+"""smit_demo's pieces: labelled phantoms as an nnU-Net raw dataset, Dice, and the overlay picture."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_smit.demo import DATASET_NAME, dice_per_class, plot_overlay, write_labelled_dataset
+from nnunet_smit.pretraining.phantoms import (
+    DEMO_PHANTOM,
+    ORGAN_LABELS,
+    generate_labelled_phantom,
+    generate_phantom_volume,
+)
+
+
+def test_labelled_phantom_has_every_organ_inside_the_body_and_is_cropped_to_the_abdomen():
+    hu, labels, spacing = generate_labelled_phantom(np.random.default_rng([1000, 0]), **DEMO_PHANTOM)
+    full, full_spacing = generate_phantom_volume(np.random.default_rng([1000, 0]), **DEMO_PHANTOM)
+    assert spacing == full_spacing and hu.shape == labels.shape and labels.dtype == np.uint8
+    assert all(s_crop <= s_full for s_crop, s_full in zip(hu.shape, full.shape)) and hu.size < full.size
+    assert set(np.unique(labels)) == set(ORGAN_LABELS.values())
+    for name in ("liver", "spleen", "kidney"):
+        organ = hu[labels == ORGAN_LABELS[name]]
+        assert organ.size > 500, name
+        # soft tissue, tens of HU from its neighbours (muscle 40-60, bowel 15-35); enhanced kidneys up to 180
+        assert -20 < np.median(organ) < 200, (name, np.median(organ))
+    assert (hu[labels > 0] > -500).mean() > 0.99  # organs lie inside the body
+    # in-plane the crop is the body's box: its first and last rows and columns hold body, the table lies beyond
+    assert all((np.moveaxis(hu, axis, 0)[index] > -500).any() for axis in (1, 2) for index in (0, -1))
+
+
+def test_labelled_dataset_is_an_nnunet_raw_dataset(tmp_path):
+    folder = write_labelled_dataset(tmp_path, n_cases=2)
+    assert folder.name == DATASET_NAME
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == ORGAN_LABELS and meta["numTraining"] == 2 and meta["channel_names"] == {"0": "CT"}
+    for i in range(2):
+        image = sitk.ReadImage(str(folder / "imagesTr" / f"demo_{i:03d}_0000.nii.gz"))
+        seg = sitk.ReadImage(str(folder / "labelsTr" / f"demo_{i:03d}.nii.gz"))
+        assert image.GetSize() == seg.GetSize() and image.GetSpacing() == seg.GetSpacing()
+        assert 2.4 < min(image.GetSpacing()) and max(image.GetSpacing()) < 3.8  # DEMO_PHANTOM's ~3 mm voxels
+
+
+def test_dice_per_class():
+    reference = np.zeros((4, 4, 4), np.uint8)
+    reference[:2] = 1
+    prediction = np.zeros_like(reference)
+    prediction[1:3] = 1
+    dice = dice_per_class(prediction, reference, ORGAN_LABELS)
+    assert dice == {"liver": 0.5, "spleen": 1.0, "kidney": 1.0}  # absent from both: 1
+
+
+def test_overlay_is_written(tmp_path):
+    hu, labels, _ = generate_labelled_phantom(np.random.default_rng([1000, 1]), **DEMO_PHANTOM)
+    plot_overlay(hu, labels, labels, tmp_path / "overlay.png", "test")
+    assert (tmp_path / "overlay.png").read_bytes()[:4] == b"\x89PNG"
