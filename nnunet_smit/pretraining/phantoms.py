@@ -15,6 +15,7 @@ still yields at least 96^3 voxels per scan at the default 2 mm pretraining spaci
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -132,7 +133,9 @@ def generate_labelled_phantom(
     Returns:
         (HU int16 (z, y, x), labels uint8 (z, y, x), spacing (z, y, x) in mm).
     """
-    hu, labels, spacing = _phantom(rng, **ranges)
+    defaults = {name: parameter.default for name, parameter in
+                inspect.signature(generate_phantom_volume).parameters.items() if parameter.default is not parameter.empty}
+    hu, labels, spacing = _phantom(rng, **{**defaults, **ranges})
     organ_z = np.flatnonzero(labels.any(axis=(1, 2)))
     margin = int(round(margin_mm / spacing[0]))
     z0, z1 = max(0, organ_z[0] - margin), min(hu.shape[0], organ_z[-1] + 1 + margin)
@@ -147,11 +150,11 @@ def generate_labelled_phantom(
 
 def _phantom(
     rng: np.random.Generator,
-    shape_range: Tuple[Tuple[int, int], Tuple[int, int]] = ((40, 160), (128, 160)),
-    fov_mm_range: Tuple[float, float] = (340.0, 420.0),
-    scan_length_mm_range: Tuple[float, float] = (200.0, 280.0),
-    slice_spacing_mm_range: Tuple[float, float] = (1.5, 5.0),
-    noise_hu_range: Tuple[float, float] = (10.0, 20.0),
+    shape_range: Tuple[Tuple[int, int], Tuple[int, int]],
+    fov_mm_range: Tuple[float, float],
+    scan_length_mm_range: Tuple[float, float],
+    slice_spacing_mm_range: Tuple[float, float],
+    noise_hu_range: Tuple[float, float],
 ) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
     """(HU int16, organ labels uint8, spacing): see :func:`generate_phantom_volume` for the arguments."""
     from scipy import ndimage
