@@ -72,18 +72,24 @@ def _say(message: str) -> None:
 
 
 def _run(command: List[str], env: Dict[str, str], log: Path) -> str:
-    """Run a public command, its output into ``log``; returns its last stdout line. One-line error on failure."""
+    """Run a public command with its output in ``log``, echoing its progress lines (``[smit_study] ...`` and
+    tables); returns its last stdout line. A failure is a one-line SMITError naming the log."""
     _say("$ " + " ".join(shlex.quote(c) for c in command) + f"   (log: {log})")
     start = time.time()
+    last = ""
     with open(log, "w") as handle:
-        result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=handle, text=True)
-        handle.write(result.stdout)
-    if result.returncode != 0:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=handle, text=True)
+        for line in process.stdout:
+            handle.write(line)
+            if line.startswith(("[smit_study]", "|")):
+                print("  " + line, end="", flush=True)
+            last = line.strip() or last
+        returncode = process.wait()
+    if returncode != 0:
         tail = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise SMITError(f"{command[0]} failed (exit {result.returncode}): {tail[0].strip()}; see {log}.")
+        raise SMITError(f"{command[0]} failed (exit {returncode}): {tail[0].strip()}; see {log}.")
     _say(f"  done in {time.time() - start:.0f} s")
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
+    return last
 
 
 def write_labelled_dataset(raw_root: Path, n_cases: int, seed: int = LABELLED_SEED) -> Path:

@@ -78,31 +78,33 @@ def plot_study(path: Path, rows: Sequence[Dict[str, Any]], arms: Sequence[str], 
     import matplotlib.pyplot as plt
 
     stats = summarise(rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for arm in arms:
-        ks = sorted(k for a, k in stats if a == arm)
-        if not ks:
-            continue
-        mean = np.array([stats[(arm, k)][0] for k in ks])
-        sd = np.array([stats[(arm, k)][1] for k in ks])
-        line, = ax.plot(ks, mean, marker="o", label=arm)
-        ax.fill_between(ks, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
-        for row in rows:
-            if row["arm"] == arm and row.get("dice") is not None:
-                ax.plot(row["labelled"], row["dice"], ".", color=line.get_color(), alpha=0.5)
-    all_k = sorted({int(r["labelled"]) for r in rows})
-    if all_k:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(all_k)
-        ax.set_xticklabels([str(k) for k in all_k])
-    ax.set_xlabel("labelled training cases")
-    ax.set_ylabel("Dice on held-out cases (foreground mean)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
+    # nnU-Net's progress plot calls seaborn.set(font_scale=2.5) in this process: draw with matplotlib's defaults
+    with plt.style.context("default"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        for arm in arms:
+            ks = sorted(k for a, k in stats if a == arm)
+            if not ks:
+                continue
+            mean = np.array([stats[(arm, k)][0] for k in ks])
+            sd = np.array([stats[(arm, k)][1] for k in ks])
+            line, = ax.plot(ks, mean, marker="o", label=arm)
+            ax.fill_between(ks, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+            for row in rows:
+                if row["arm"] == arm and row.get("dice") is not None:
+                    ax.plot(row["labelled"], row["dice"], ".", color=line.get_color(), alpha=0.5)
+        all_k = sorted({int(r["labelled"]) for r in rows})
+        if all_k:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(all_k)
+            ax.set_xticklabels([str(k) for k in all_k])
+        ax.set_xlabel("labelled training cases")
+        ax.set_ylabel("Dice on held-out cases (foreground mean)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = Path(path).with_name(f".{Path(path).stem}.{os.getpid()}.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
     os.replace(tmp, path)
