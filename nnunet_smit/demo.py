@@ -281,6 +281,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SMITError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the output folder cannot be made or written
+        print(f"error: {error.strerror or error}: {error.filename or args.output}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
