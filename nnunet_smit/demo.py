@@ -77,8 +77,9 @@ def _run(command: List[str], env: Dict[str, str], log: Path) -> str:
     _say("$ " + " ".join(shlex.quote(c) for c in command) + f"   (log: {log})")
     start = time.time()
     last = ""
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=handle, text=True)
+    with open(log, "w", encoding="utf-8") as handle:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=handle, text=True,
+                                   encoding="utf-8", errors="replace")
         for line in process.stdout:
             handle.write(line)
             if line.startswith(("[smit_study]", "|")):
@@ -86,7 +87,7 @@ def _run(command: List[str], env: Dict[str, str], log: Path) -> str:
             last = line.strip() or last
         returncode = process.wait()
     if returncode != 0:
-        tail = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
+        tail = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()][-1:] or ["(no output)"]
         raise SMITError(f"{command[0]} failed (exit {returncode}): {tail[0].strip()}; see {log}.")
     _say(f"  done in {time.time() - start:.0f} s")
     return last
@@ -114,7 +115,7 @@ def write_labelled_dataset(raw_root: Path, n_cases: int, seed: int = LABELLED_SE
         write_phantom_image(hu, spacing, image)
     dataset_json = {"channel_names": {"0": "CT"}, "labels": ORGAN_LABELS, "numTraining": n_cases,
                     "file_ending": ".nii.gz", "name": "SMIT demo phantoms (liver, spleen, kidneys)"}
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
     return folder
 
 
@@ -169,7 +170,8 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
     logs.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_") or k == "nnUNet_extTrainer"}
     env.update(nnUNet_raw=str(output / "nnUNet_raw"), nnUNet_preprocessed=str(output / "nnUNet_preprocessed"),
-               nnUNet_results=str(output / "nnUNet_results"), nnUNet_compile="f", PYTHONUNBUFFERED="1")
+               nnUNet_results=str(output / "nnUNet_results"), nnUNet_compile="f", PYTHONUNBUFFERED="1",
+               PYTHONIOENCODING="utf-8")
     if device == "cpu":
         env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0")  # two cores: no worker processes
     start = time.time()
@@ -200,7 +202,7 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
                "--epochs", str(settings.epochs), "--iterations_per_epoch", str(settings.iterations_per_epoch),
                "-device", device] + (["--disable_tta"] if settings.disable_tta else [])
     _run(command, env, logs / "study.log")
-    study = json.loads((study_dir / "study.json").read_text())
+    study = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))
 
     _say("step 4/4: nnUNetv2_predict the held-out cases with the pretrained arm (most labels, seed 0)")
     pretrained = study["arms"][0]["name"]
@@ -239,7 +241,7 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
         "",
         f"Held-out Dice of every arm (from {study_dir / 'study.md'}):",
         "",
-        (study_dir / "study.md").read_text().split("\n\n", 2)[2].split("\n\nArms:")[0],
+        (study_dir / "study.md").read_text(encoding="utf-8").split("\n\n", 2)[2].split("\n\nArms:")[0],
         "",
         f"nnUNetv2_predict on the held-out cases, pretrained arm trained on {row['labelled']} labelled cases "
         f"(fold {row['fold']}):",
@@ -256,7 +258,7 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
         f"Whole demo: {(time.time() - start) / 60:.1f} min on {device}.",
     ])
     summary_file = output / "demo_summary.md"
-    summary_file.write_text(summary + "\n")
+    summary_file.write_text(summary + "\n", encoding="utf-8")
     print(summary, flush=True)
     return summary_file
 

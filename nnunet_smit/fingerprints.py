@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
@@ -156,3 +157,31 @@ def nnunet_raw_case_images(dataset_folder: PathLike, dataset_json: Mapping[str, 
             images[case_id] = [folder / images_folder / f"{case_id}_{channel:04d}{file_ending}"
                                for channel in range(len(channels or ()))]
     return images
+
+
+@dataclass
+class RawCasesCheck:
+    """Outcome of checking nnU-Net raw cases against an encoder's pretraining scans.
+
+    Attributes:
+        leaked: {case id: names of the pretraining scans its image files match}, only cases with a match.
+        checked: the cases whose image files were all found and fingerprinted.
+        missing: the cases with an image file missing (not checked).
+    """
+
+    leaked: Dict[str, List[str]]
+    checked: List[str]
+    missing: List[str]
+
+
+def check_raw_cases(dataset_folder: PathLike, dataset_json: Mapping[str, Any], case_ids: Sequence[str],
+                    pretraining_scans: Mapping[str, str]) -> RawCasesCheck:
+    """Which of an nnU-Net raw dataset's cases (``imagesTr``) an encoder was pretrained on.
+
+    Shared by ``nnUNetTrainerSMIT`` (the fold's validation cases) and ``smit_study`` (the held-out test set); each
+    words the outcome for its own log.
+    """
+    images = nnunet_raw_case_images(dataset_folder, dataset_json, case_ids)
+    found = {case: paths for case, paths in images.items() if paths and all(p.is_file() for p in paths)}
+    return RawCasesCheck(find_leaked(found, pretraining_scans), list(found),
+                         [case for case in images if case not in found])

@@ -100,7 +100,7 @@ def read_dice(summary_file: Path, label_names: Dict[str, str]) -> Dict[str, Any]
     ``label_names`` maps the label value (as nnU-Net writes it in ``mean``) to its name. A class that is absent
     from both reference and prediction in every case has no Dice (NaN in nnU-Net) and is reported as None.
     """
-    summary = json.loads(Path(summary_file).read_text())
+    summary = json.loads(Path(summary_file).read_text(encoding="utf-8"))
 
     def number(value: Any) -> Optional[float]:
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)

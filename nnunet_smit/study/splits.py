@@ -81,7 +81,7 @@ def labelled_sets(pool: Sequence[str], labelled: Sequence[int], seeds: int) -> L
 
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4))
+    tmp.write_text(json.dumps(obj, indent=4), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -103,7 +103,7 @@ def assign_folds(splits_file: Path, case_ids: Sequence[str],
     """
     splits_file = Path(splits_file)
     if splits_file.is_file():
-        splits = json.loads(splits_file.read_text())
+        splits = json.loads(splits_file.read_text(encoding="utf-8"))
         if not isinstance(splits, list):
             raise SMITError(f"{splits_file} is not a list of splits; fix or delete it.")
     else:

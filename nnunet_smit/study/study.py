@@ -97,7 +97,7 @@ def resolve_dataset(dataset: str, configuration: str, plans_identifier: str) -> 
     if not plans_file.is_file():
         raise SMITError(f"{name} is not planned with {plans_identifier} yet ({plans_file} does not exist); run "
                         f"{_plan_command(dataset, configuration)}.")
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     if configuration not in plans.get("configurations", {}):
         raise SMITError(f"the plans {plans_file} have no configuration {configuration!r}; choose one of "
                         f"{sorted(plans.get('configurations', {}))}.")
@@ -108,7 +108,7 @@ def resolve_dataset(dataset: str, configuration: str, plans_identifier: str) -> 
         raise SMITError(f"{name} is planned but not preprocessed for {configuration} ({data_folder} is missing or "
                         f"empty); run {_plan_command(dataset, configuration)}.")
     case_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
     return _Dataset(name, preprocessed, plans, dataset_json, case_ids)
 
 
@@ -193,29 +193,28 @@ def check_leakage(dataset: _Dataset, test_cases: Sequence[str],
     encoders that could not be checked."""
     from nnunetv2.paths import nnUNet_raw
 
-    from nnunet_smit.fingerprints import find_leaked, nnunet_raw_case_images
+    from nnunet_smit.fingerprints import check_raw_cases
 
     leakage: Dict[str, Dict[str, List[str]]] = {}
     notes: List[str] = []
     if not checkpoints:
         return leakage, notes
     raw = Path(nnUNet_raw.get()) / dataset.name if nnUNet_raw.is_set() else None
-    if raw is None or not raw.is_dir():
+    if raw is None or not (raw / "dataset.json").is_file():
         notes.append(f"leakage check skipped: the raw images of {dataset.name} are not found (nnUNet_raw).")
         return leakage, notes
-    images = nnunet_raw_case_images(raw, json.loads((raw / "dataset.json").read_text()), test_cases)
-    missing = [str(p) for paths in images.values() for p in paths if not Path(p).is_file()]
-    if missing:
-        notes.append(f"leakage check skipped: {len(missing)} held-out image file(s) missing, first {missing[0]}.")
-        return leakage, notes
+    raw_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     for path, checkpoint in checkpoints.items():
         if not checkpoint.pretraining_scans:
             notes.append(f"leakage check not possible for {path}: it records no pretraining scan fingerprints "
                          f"(source {checkpoint.source}).")
             continue
-        leaked = find_leaked(images, checkpoint.pretraining_scans)
-        if leaked:
-            leakage[path] = leaked
+        result = check_raw_cases(raw, raw_json, test_cases, checkpoint.pretraining_scans)
+        if result.missing:
+            notes.append(f"leakage check of {path}: {len(result.missing)} held-out case(s) without raw images under "
+                         f"{raw} not checked, first {sorted(result.missing)[0]}.")
+        if result.leaked:
+            leakage[path] = result.leaked
     return leakage, notes
 
 
@@ -247,7 +246,7 @@ _RESUME_KEYS = ("dataset", "configuration", "plans", "budget", "test_fraction", 
 def _check_resumable(study_json: Path, header: Dict[str, Any]) -> None:
     if not study_json.is_file():
         return
-    previous = json.loads(study_json.read_text())
+    previous = json.loads(study_json.read_text(encoding="utf-8"))
     changed = [key for key in _RESUME_KEYS if previous.get(key) != header[key]]
     if changed:
         raise SMITError(f"{study_json.parent} holds a study with other settings ({', '.join(changed)}); use a new "
@@ -286,7 +285,8 @@ def run_study(settings: StudySettings) -> Path:
     header = _header(settings, dataset, arms, test_cases, leakage)
     study_json = out / "study.json"
     _check_resumable(study_json, header)
-    (out / "test_cases.json").write_text(json.dumps({"dataset": dataset.name, "test_cases": test_cases}, indent=2))
+    (out / "test_cases.json").write_text(json.dumps({"dataset": dataset.name, "test_cases": test_cases}, indent=2),
+                                         encoding="utf-8")
     folds = assign_folds(dataset.preprocessed / "splits_final.json", dataset.case_ids,
                          [(s.train_cases, test_cases) for s in subsets])
     label_names = {str(value): name for name, value in dataset.dataset_json["labels"].items()
@@ -317,7 +317,8 @@ def run_study(settings: StudySettings) -> Path:
         return (folder / "validation" / "summary.json").is_file() and (folder / "checkpoint_final.pth").is_file()
 
     earlier = {(r["arm"], r["labelled"], r["seed"]): r.get("seconds")
-               for r in (json.loads(study_json.read_text()).get("rows", []) if study_json.is_file() else [])}
+               for r in (json.loads(study_json.read_text(encoding="utf-8")).get("rows", [])
+                         if study_json.is_file() else [])}
     for index, (subset, fold, arm) in enumerate(jobs, start=1):
         arm_results = out / "arms" / arm.name
         folder = fold_of(fold, arm)

@@ -25,7 +25,7 @@ from nnunet_smit.architectures import SMITConfig, SMITNet
 from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_encoder_weights
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import CheckpointError, SMITError
-from nnunet_smit.fingerprints import find_leaked, nnunet_raw_case_images
+from nnunet_smit.fingerprints import check_raw_cases
 from nnunet_smit.trainers import plans_settings
 from nnunet_smit.trainers.param_groups import build_param_groups, unwrap_network
 from nnunet_smit.trainers.patch_fitting import fit_patch_size
@@ -279,15 +279,13 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         if val_keys is None:
             _, val_keys = self.do_split()
         dataset_folder = join(nnUNet_raw.get(), self.plans_manager.dataset_name)
-        images = nnunet_raw_case_images(dataset_folder, self.dataset_json, list(val_keys))
-        found = {case: paths for case, paths in images.items() if paths and all(p.is_file() for p in paths)}
-        if not found:
-            return (f"{LEAKAGE_CHECK} skipped: the raw images of the {len(images)} validation cases were not found "
-                    f"under {join(dataset_folder, 'imagesTr')}.")
-        unchecked = sorted(set(images) - set(found))
-        note = (f" ({len(unchecked)} validation cases without raw images under {dataset_folder} were not checked, "
-                f"first {unchecked[0]})" if unchecked else "")
-        leaked = find_leaked(found, scans)
+        result = check_raw_cases(dataset_folder, self.dataset_json, list(val_keys), scans)
+        if not result.checked:
+            return (f"{LEAKAGE_CHECK} skipped: the raw images of the {len(result.missing)} validation cases were not "
+                    f"found under {join(dataset_folder, 'imagesTr')}.")
+        note = (f" ({len(result.missing)} validation cases without raw images under {dataset_folder} were not "
+                f"checked, first {sorted(result.missing)[0]})" if result.missing else "")
+        leaked, found = result.leaked, result.checked
         if not leaked:
             return (f"{LEAKAGE_CHECK}: {len(found)} validation cases checked against {len(scans)} pretraining scans; "
                     f"none was seen in pretraining{note}.")
