@@ -42,7 +42,7 @@ def test_folds_are_appended_after_nnunets_five_which_stay_as_they_are(tmp_path):
     splits_file = tmp_path / "splits_final.json"
     wanted = [(("case_03",), ("case_00", "case_01")), (("case_03", "case_05"), ("case_00", "case_01"))]
     assert assign_folds(splits_file, CASES, wanted) == [5, 6]
-    splits = json.loads(splits_file.read_text())
+    splits = json.loads(splits_file.read_text(encoding="utf-8"))
     assert splits[:5] == generate_crossval_split(sorted(CASES), seed=12345, n_splits=5)  # what nnU-Net would write
     assert splits[5] == {"train": ["case_03"], "val": ["case_00", "case_01"]}
 
@@ -51,7 +51,7 @@ def test_folds_are_appended_after_nnunets_five_which_stay_as_they_are(tmp_path):
     splits_file.write_text(json.dumps(custom))
     again = wanted[::-1] + [(("case_07",), ("case_00", "case_01"))]
     assert assign_folds(splits_file, CASES, again) == [6, 5, 7]
-    written = json.loads(splits_file.read_text())
+    written = json.loads(splits_file.read_text(encoding="utf-8"))
     assert written[:7] == custom and written[7]["train"] == ["case_07"]
 
 
@@ -60,4 +60,4 @@ def test_a_split_file_without_nnunets_five_folds_is_refused(tmp_path):
     splits_file.write_text(json.dumps([{"train": CASES[:6], "val": CASES[6:]}]))
     with pytest.raises(SMITError, match="holds 1 splits"):
         assign_folds(splits_file, CASES, [(("case_03",), ("case_00",))])
-    assert json.loads(splits_file.read_text()) == [{"train": CASES[:6], "val": CASES[6:]}]
+    assert json.loads(splits_file.read_text(encoding="utf-8")) == [{"train": CASES[:6], "val": CASES[6:]}]

@@ -79,7 +79,7 @@ def study(nnunet_dirs):
 
 def test_every_arm_trains_on_the_same_cases_and_is_scored_on_the_held_out_set(study):
     root, dirs, name, _, leaky = study
-    result = json.loads((root / "out" / "study.json").read_text())
+    result = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))
     rows = result["rows"]
     assert len(rows) == 6  # 3 arms x k in {1, 2} x 1 seed
     assert {r["encoder"] for r in rows} == {str(leaky), "scratch", "nnunet"}
@@ -97,22 +97,22 @@ def test_every_arm_trains_on_the_same_cases_and_is_scored_on_the_held_out_set(st
 
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    splits = json.loads((dirs["nnUNet_preprocessed"] / name / "splits_final.json").read_text())
+    splits = json.loads((dirs["nnUNet_preprocessed"] / name / "splits_final.json").read_text(encoding="utf-8"))
     cases = sorted(f"toy_{i:03d}" for i in range(6))
     assert splits[:5] == generate_crossval_split(cases, seed=12345, n_splits=5)
     assert sorted(r["fold"] for r in rows) == [5, 5, 5, 6, 6, 6]
     assert splits[5] == {"train": list(one), "val": result["test_cases"]}
     assert splits[6] == {"train": sorted(two), "val": result["test_cases"]}
-    assert (root / "out" / "study.md").read_text().count("(n=1)") == 6
+    assert (root / "out" / "study.md").read_text(encoding="utf-8").count("(n=1)") == 6
     assert (root / "out" / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_held_out_case_seen_in_pretraining_is_reported_and_a_clean_encoder_is_not(study, caplog):
     root, dirs, name, _, leaky = study
-    result = json.loads((root / "out" / "study.json").read_text())
+    result = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))
     test_case = result["test_cases"][0]
     assert result["leakage"] == {str(leaky): {test_case: [f"{test_case}_0000.nii.gz"]}}
-    assert f"held-out cases seen in pretraining: {leaky}: {test_case}" in (root / "out" / "study.md").read_text()
+    assert f"held-out cases seen in pretraining: {leaky}: {test_case}" in (root / "out" / "study.md").read_text(encoding="utf-8")
 
     images = dirs["nnUNet_raw"] / name / "imagesTr"
     clean = _encoder(root / "clean.pt", {fingerprint_image_file(p): p.name for p in sorted(images.iterdir())
@@ -124,14 +124,14 @@ def test_a_held_out_case_seen_in_pretraining_is_reported_and_a_clean_encoder_is_
 
 def test_a_rerun_skips_finished_arms(study, capsys):
     root, dirs, name, argv, _ = study
-    rows = json.loads((root / "out" / "study.json").read_text())["rows"]
+    rows = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))["rows"]
     stamps = {r["results_folder"]: (Path(r["results_folder"]) / "checkpoint_final.pth").stat().st_mtime_ns
               for r in rows}
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 6 and "training on" not in out
-    again = json.loads((root / "out" / "study.json").read_text())["rows"]
+    again = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))["rows"]
     assert [(r["arm"], r["labelled"], r["dice"]) for r in again] == [(r["arm"], r["labelled"], r["dice"]) for r in rows]
     assert all((Path(f) / "checkpoint_final.pth").stat().st_mtime_ns == t for f, t in stamps.items())
 
