@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from nnunet_smit.checkpoint import atomic_write
+
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_study_json(path: Path, header: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
@@ -104,7 +103,5 @@ def plot_study(path: Path, rows: Sequence[Dict[str, Any]], arms: Sequence[str], 
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = Path(path).with_name(f".{Path(path).stem}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
         plt.close(fig)
-    os.replace(tmp, path)

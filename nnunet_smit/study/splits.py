@@ -14,13 +14,13 @@ Rules (each tested):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from nnunet_smit.checkpoint import atomic_write
 from nnunet_smit.errors import SMITError
 
 TEST_SET_SEED = 2022
@@ -79,12 +79,6 @@ def labelled_sets(pool: Sequence[str], labelled: Sequence[int], seeds: int) -> L
     return sets
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def nnunet_crossval_splits(case_ids: Sequence[str]) -> List[Dict[str, List[str]]]:
     """nnU-Net's own five folds for these cases (what ``nnUNetTrainer.do_split`` writes when there is no file)."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
@@ -123,5 +117,5 @@ def assign_folds(splits_file: Path, case_ids: Sequence[str],
             changed = True
         folds.append(index[key])
     if changed:
-        _write_json_atomic(splits_file, splits)
+        atomic_write(splits_file, lambda tmp: Path(tmp).write_text(json.dumps(splits, indent=4), encoding="utf-8"))
     return folds
