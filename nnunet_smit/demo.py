@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from nnunet_smit.errors import SMITError
+from nnunet_smit.errors import SMITError, run_cli
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID}_SMITDemo"
@@ -278,19 +278,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = GPU_SETTINGS if device == "cuda" else CPU_SETTINGS
-    try:
-        run_demo(Path(args.output), device, settings)
-    except SMITError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # the output folder cannot be made or written
-        print(f"error: {error.strerror or error}: {error.filename or args.output}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume.", file=sys.stderr)
-        return 130
-    return 0
-
+    return run_cli(lambda: run_demo(Path(args.output), device, settings), args.output,
+                   "interrupted; rerun the same command to resume.")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from nnunet_smit.errors import SMITError
+from nnunet_smit.errors import SMITError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,20 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from nnunet_smit.study.study import run_study
 
-    try:
-        path = run_study(settings_from_args(args))
-    except SMITError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # the study folder cannot be made or written
-        print(f"error: {error.strerror or error}: {error.filename or args.output}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume (finished arms are kept).", file=sys.stderr)
-        return 130
-    print(str(path), flush=True)
-    return 0
-
+    return run_cli(lambda: print(str(run_study(settings_from_args(args))), flush=True), args.output,
+                   "interrupted; rerun the same command to resume (finished arms are kept).")
 
 if __name__ == "__main__":
     sys.exit(main())

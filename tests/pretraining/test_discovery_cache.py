@@ -250,6 +250,19 @@ def test_every_cached_scan_carries_the_fingerprint_of_its_array_as_read(built, m
     assert set(fingerprints.values()) <= set(built.case_ids)
 
 
+def count_preprocessed(monkeypatch) -> list:
+    """The ids of the scans the cache preprocesses from now on (a list filled as it happens)."""
+    calls = []
+    process = cache_module._process_source
+
+    def counting(source, *args):
+        calls.append(source.id)
+        return process(source, *args)
+
+    monkeypatch.setattr(cache_module, "_process_source", counting)
+    return calls
+
+
 def test_records_cached_before_fingerprints_get_one_without_preprocessing_again(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     for i in range(3):
@@ -271,14 +284,7 @@ def test_records_cached_before_fingerprints_get_one_without_preprocessing_again(
     assert CacheIndex.open(cache_dir).scan_fingerprints() == {}  # an old cache opens as before, with none
     mtimes = {p.name: p.stat().st_mtime_ns for p in cases.iterdir()}
 
-    calls = []
-    process = cache_module._process_source
-
-    def counting(source, *args):
-        calls.append(source.id)
-        return process(source, *args)
-
-    monkeypatch.setattr(cache_module, "_process_source", counting)
+    calls = count_preprocessed(monkeypatch)
     healed = build_cache([raw], cache_dir, PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
     assert calls == []
     assert {case_id: healed.case(case_id)["fingerprint"] for case_id in healed.case_ids} == expected
@@ -304,14 +310,7 @@ def test_second_build_recomputes_nothing_and_a_killed_build_continues(tmp_path, 
     for i in range(3):
         write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
     cache_dir = tmp_path / "cache"
-    calls = []
-    process = cache_module._process_source
-
-    def counting(source, *args):
-        calls.append(source.id)
-        return process(source, *args)
-
-    monkeypatch.setattr(cache_module, "_process_source", counting)
+    calls = count_preprocessed(monkeypatch)
     first = build_cache([raw], cache_dir, PREPROCESSING, min_shape=MIN_SHAPE)
     assert len(calls) == 3 and len(first.case_ids) == 3
     mtimes = {p.name: p.stat().st_mtime_ns for p in (cache_dir / "cases").iterdir()}
