@@ -53,7 +53,7 @@ import os
 import signal
 import threading
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -438,6 +438,29 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_set(stop: threading.Event):
+    """SIGINT and SIGTERM set ``stop`` instead of raising while a pool's futures are waited on (main thread only).
+
+    A KeyboardInterrupt raised inside ``concurrent.futures``' waiting code can leave a future's lock held, and the
+    pool's shutdown then waits forever; a flag checked between waits cannot. The handlers in place before are back
+    after the block, so a second signal during the shutdown stops at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def set_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        stop.set()
+
+    previous = {signum: signal.signal(signum, set_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _ignore_sigint() -> None:
     """Cache workers leave Ctrl-C to the main process, which decides what stops (no traceback per worker)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -536,20 +559,24 @@ def _run_pool(sources: List[Source], workers: int, nthreads: int, process: Calla
     sources left unfinished because a worker died."""
     unfinished: List[Source] = []
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_ignore_sigint)
-    try:
-        futures = {pool.submit(_tracked, process, source, *args, nthreads): source for source in sources}
-        for future in as_completed(futures):
-            try:
-                results[futures[future].id] = future.result()
-            except BrokenProcessPool:
-                unfinished.append(futures[future])
-                continue
-            bar.update()
-    except KeyboardInterrupt:
+    stop = threading.Event()
+    with _signals_set(stop):
+        remaining = {pool.submit(_tracked, process, source, *args, nthreads): source for source in sources}
+        while remaining and not stop.is_set():
+            done, _ = wait(remaining, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in done:
+                source = remaining.pop(future)
+                try:
+                    results[source.id] = future.result()
+                except BrokenProcessPool:
+                    unfinished.append(source)
+                    continue
+                bar.update()
+    if stop.is_set():
         logger.warning("interrupted: no new scan is started; waiting for the scans in progress (interrupt again to "
                        "stop at once)")
         pool.shutdown(wait=True, cancel_futures=True)
-        raise
+        raise KeyboardInterrupt
     pool.shutdown(wait=True)
     return unfinished
 
