@@ -53,23 +53,24 @@ class Budget:
     disable_tta: bool = False
 
 
+def _set_environment(values: Dict[str, Optional[str]]) -> None:
+    """Set environment variables; None unsets one."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @contextlib.contextmanager
 def _environment(**values: Optional[str]) -> Iterator[None]:
     """Set (or, for None, unset) environment variables for the duration of the block."""
     previous = {key: os.environ.get(key) for key in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environment(values)
         yield
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environment(previous)
 
 
 def apply_budget(trainer: Any, budget: Budget) -> None:
