@@ -167,12 +167,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_autocast_bf16_network_has_no_nans():
+    """bf16 autocast through the whole network (attention, shift mask, decoder), forward and backward.
+
+    oneDNN is switched off for this test: its CPU bf16 Conv3d weight-gradient kernel (torch 2.14.1) returns NaN
+    now and then for the same input (about 1 call in 30 for a 192-channel 3x3x3 conv on a 2^3 grid, none in 300
+    without oneDNN), which made this test fail about 1 run in 10. Training never runs bf16 on CPU (the trainer
+    and ``smit_pretrain`` autocast on CUDA only), so the test checks our arithmetic, not that kernel.
+    """
+    torch.manual_seed(0)
     net = SMITNet(SMITConfig.preset("tiny"), 1, 2)
     x = torch.randn(1, 1, 64, 64, 64) * 3
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.backends.mkldnn.flags(enabled=False), torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x)
         loss = out.float().square().mean()
-    loss.backward()
+        loss.backward()
     assert torch.isfinite(out.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
