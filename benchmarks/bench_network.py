@@ -30,7 +30,6 @@ GPU_PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0
 
 
 def build(name: str, patch: int, preset: str):
-    import torch
     from torch import nn
 
     if name == "smit":

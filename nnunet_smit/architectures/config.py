@@ -6,7 +6,7 @@ and results folder says exactly which encoder it holds.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 from nnunet_smit.errors import SMITError

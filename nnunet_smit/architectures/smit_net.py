@@ -1,7 +1,7 @@
 """SMITNet: the Swin-3D encoder with the SMIT convolutional decoder, plus fixed input intensity mapping."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_smit.checkpoint import atomic_write
+from nnunet_smit.files import atomic_write
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_smit.checkpoint import atomic_write
+from nnunet_smit.files import atomic_write
 from nnunet_smit.errors import SMITError
 
 TEST_SET_SEED = 2022
