@@ -12,6 +12,15 @@ from typing import Callable, Union
 
 PathLike = Union[str, os.PathLike]
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (setting and restoring it later could race with other threads creating files).
+_UMASK = _current_umask()
+
 # Temporary files are named ``.<name>.<random>.tmp`` beside their target.
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -30,7 +39,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the file the permissions open() would
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
