@@ -36,8 +36,9 @@ read, before preprocessing); the exported encoder carries those of the usable ca
 fingerprints existed gets its fingerprint at the next build, from a read of the scan alone (nothing is preprocessed
 again), so older caches stay valid.
 
-Every file is written to a temporary name and moved into place with ``os.replace``; a killed build leaves
-only temporary files, which the next build removes, and it recomputes only cases without a record.
+Every file is written with :func:`nnunet_smit.files.atomic_write` (a temporary file beside it, flushed to disk,
+renamed into place); a killed build leaves only temporary files, which the next build removes (also the ``.tmp-*``
+ones of earlier versions), and it recomputes only cases without a record.
 SIGINT or SIGTERM stops a build (:class:`CacheBuildInterrupted`): no new scan is started, and the scans being
 preprocessed are finished unless the workers got the signal too (or a second one comes). One build per cache folder
 at a time.
@@ -63,8 +64,9 @@ import SimpleITK as sitk
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
+from nnunet_smit.files import atomic_write, is_temporary
 from nnunet_smit.fingerprints import fingerprint_array, read_image
-from nnunet_smit.pretraining.discovery import Source, discover_sources
+from nnunet_smit.pretraining.discovery import Discovery, Source, discover_sources
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,9 @@ PIPELINE: Dict[str, Any] = {
 _MANIFEST = "manifest.json"
 _SKIPPED = "skipped.json"
 _CASES = "cases"
-_TMP_PREFIX = ".tmp-"
+# Temporary files of earlier versions (``.tmp-<pid>-<name>``, running markers ``.tmp-running-<id>``): a cache folder
+# that such a version's killed build left may hold them. This version's are :func:`nnunet_smit.files.is_temporary`.
+_LEGACY_TMP_PREFIX = ".tmp-"
 
 
 class CaseSkipped(Exception):
@@ -188,25 +192,39 @@ def preprocess_ct(hu: np.ndarray, spacing: Sequence[float],
 
 # ---------------------------------------------------------------------------------------------- one case
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _write_array_atomic(path: Path, array: np.ndarray, min_shape: Sequence[int], nthreads: int) -> None:
+def _write_array(path: Path, array: np.ndarray, min_shape: Sequence[int], nthreads: int) -> None:
     import blosc2
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
 
     patch = [min(int(p), int(s)) for p, s in zip(min_shape, array.shape)]
     blocks, chunks = comp_blosc2_params((1, *array.shape), patch, bytes_per_pixel=array.itemsize)
-    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
     cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": PIPELINE["storage"]["clevel"],
                "filters": [blosc2.Filter.SHUFFLE], "nthreads": nthreads}
-    blosc2.asarray(np.ascontiguousarray(array), urlpath=str(tmp), chunks=tuple(chunks[1:]),
-                   blocks=tuple(blocks[1:]), cparams=cparams, mode="w")
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        # atomic_write has created ``tmp`` (empty); mode "w" makes blosc2 remove it and write a new file there.
+        blosc2.asarray(np.ascontiguousarray(array), urlpath=tmp, chunks=tuple(chunks[1:]), blocks=tuple(blocks[1:]),
+                       cparams=cparams, mode="w")
+
+    atomic_write(path, write)
+
+
+def _is_leftover(name: str) -> bool:
+    """Whether a file in a cache folder is a temporary file a killed build left (of this version or an earlier one)."""
+    return is_temporary(name) or name.startswith(_LEGACY_TMP_PREFIX)
+
+
+def _remove_leftovers(*folders: Path) -> None:
+    """Remove the temporary files killed builds left in ``folders`` (only while no build writes there)."""
+    for folder in folders:
+        for path in folder.iterdir():
+            if _is_leftover(path.name) and not path.is_dir():
+                path.unlink(missing_ok=True)
 
 
 def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str, Any],
@@ -224,7 +242,7 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
         hu, spacing = read_ct(source)
     except CaseSkipped as e:
         record.update(status="skipped", reason=str(e))
-        _write_json_atomic(cases / f"{source.id}.json", record)
+        _write_json(cases / f"{source.id}.json", record)
         return record
     except Exception as e:  # noqa: BLE001 - any reader failure is a per-file reason, not a crash
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -235,10 +253,10 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
     try:
         array, info = preprocess_ct(hu, spacing, preprocessing)
         del hu
-        _write_array_atomic(cases / f"{source.id}.b2nd", array.astype(STORAGE_DTYPE), min_shape, nthreads)
+        _write_array(cases / f"{source.id}.b2nd", array.astype(STORAGE_DTYPE), min_shape, nthreads)
     except CaseSkipped as e:
         record.update(status="skipped", reason=str(e))
-        _write_json_atomic(cases / f"{source.id}.json", record)
+        _write_json(cases / f"{source.id}.json", record)
         return record
     except Exception as e:  # noqa: BLE001 - e.g. out of memory on one huge scan: report it, keep building
         record.update(status="error", reason=f"preprocessing failed ({type(e).__name__}: {e})"[:300])
@@ -246,7 +264,7 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
     record.update(status="ok", cached_shape=list(array.shape),
                   cached_spacing_mm=list(preprocessing.target_spacing_mm), file=f"{_CASES}/{source.id}.b2nd",
                   **info)
-    _write_json_atomic(cases / f"{source.id}.json", record)
+    _write_json(cases / f"{source.id}.json", record)
     return record
 
 
@@ -265,7 +283,7 @@ def _add_fingerprint(source: Source, cases_dir: str, *_settings: Any) -> Optiona
     except Exception:  # noqa: BLE001 - the cached array stays usable; the caller reports the missing fingerprint
         return record
     record["fingerprint"] = fingerprint_array(hu)
-    _write_json_atomic(cases / f"{source.id}.json", record)
+    _write_json(cases / f"{source.id}.json", record)
     return record
 
 
@@ -329,6 +347,29 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
         SMITError: a source folder is missing, the cache folder was built with other settings, or nothing
             usable was found.
     """
+    source_roots, cache, min_shape = _checked_arguments(sources_dirs, cache_dir, min_shape)
+    cases = _open_cache_folder(cache, preprocessing)
+    discovery = discover_sources(source_roots, exclude=[cache])
+    records, todo, unfingerprinted = _reuse_cached(cases, discovery.sources)
+    logger.info("cache %s: %d scans found, %d already cached, %d to preprocess", cache, len(discovery.sources),
+                len(records), len(todo))
+    try:
+        with _sigterm_interrupts():
+            records.update(_fingerprint_old_records(unfingerprinted, cases, preprocessing, min_shape, num_workers,
+                                                    progress))
+            records.update(_run(todo, cases, preprocessing, min_shape, num_workers, progress))
+    except KeyboardInterrupt:
+        raise _interrupted(cache, discovery.sources) from None
+    usable, skipped = _usable_and_skipped(discovery, records, preprocessing, min_shape)
+    _write_skipped_and_manifest(cache, preprocessing, source_roots, min_shape, usable, skipped,
+                                found_anything=bool(discovery.sources or discovery.skipped))
+    return CacheIndex.open(cache)
+
+
+def _checked_arguments(sources_dirs: Union[PathLike, Sequence[PathLike]], cache_dir: PathLike,
+                       min_shape: Sequence[int]) -> Tuple[List[str], Path, Tuple[int, int, int]]:
+    """(absolute source folders, absolute cache folder, ``min_shape`` as a tuple); SMITError for a wrong
+    ``min_shape`` or a cache folder that is or holds an input folder (before anything is written)."""
     if isinstance(sources_dirs, (str, Path)):
         sources_dirs = [sources_dirs]
     source_roots = [os.path.abspath(os.fspath(d)) for d in sources_dirs]
@@ -340,6 +381,12 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
         if Path(root).resolve().is_relative_to(cache.resolve()):
             raise SMITError(f"the cache folder {cache} is or contains the input folder {root}; choose a cache folder "
                             f"outside the input folders (--cache_dir).")
+    return source_roots, cache, min_shape
+
+
+def _open_cache_folder(cache: Path, preprocessing: PretrainPreprocessing) -> Path:
+    """Start the cache folder (an unfinished manifest) or check that it was started with the same settings, and
+    remove the temporary files a killed build left; returns the cases folder."""
     cases = cache / _CASES
     cases.mkdir(parents=True, exist_ok=True)
     settings = _normalise_json(_settings(preprocessing))
@@ -351,16 +398,19 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
             raise SMITError(f"The cache folder {cache} was built with other preprocessing settings; "
                             f"choose a new cache folder or delete this one.")
     else:
-        _write_json_atomic(manifest_path, {**settings, "complete": False, "cases": []})
-    for folder in (cache, cases):
-        for leftover in folder.glob(f"{_TMP_PREFIX}*"):
-            leftover.unlink(missing_ok=True)
+        _write_json(manifest_path, {**settings, "complete": False, "cases": []})
+    _remove_leftovers(cache, cases)
+    return cases
 
-    discovery = discover_sources(source_roots, exclude=[cache])
+
+def _reuse_cached(cases: Path, sources: Sequence[Source]
+                  ) -> Tuple[Dict[str, Dict[str, Any]], List[Source], List[Source]]:
+    """What the cache already holds: ({case id: finished record}, the sources to preprocess, the cached usable ones
+    whose record has no fingerprint yet)."""
     records: Dict[str, Dict[str, Any]] = {}
     todo: List[Source] = []
     unfingerprinted: List[Source] = []
-    for source in discovery.sources:
+    for source in sources:
         record = _load_record(cases, source.id)
         if record is None:
             todo.append(source)
@@ -368,27 +418,38 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
             records[source.id] = record
             if record["status"] == "ok" and "fingerprint" not in record:
                 unfingerprinted.append(source)
-    logger.info("cache %s: %d scans found, %d already cached, %d to preprocess", cache, len(discovery.sources),
-                len(records), len(todo))
-    try:
-        with _sigterm_interrupts():
-            if unfingerprinted:
-                logger.info("cache %s: %d cached scans were cached before scans had fingerprints; reading them to add "
-                            "one (nothing is preprocessed again)", cache, len(unfingerprinted))
-                fingerprinted = _run(unfingerprinted, cases, preprocessing, min_shape, num_workers, progress,
-                                     process=_add_fingerprint, description="fingerprinting cached scans")
-                # A scan whose fingerprinting failed (even a dead worker) keeps its usable record.
-                records.update({case_id: record for case_id, record in fingerprinted.items()
-                                if record is not None and record.get("status") == "ok"})
-            records.update(_run(todo, cases, preprocessing, min_shape, num_workers, progress))
-    except KeyboardInterrupt:
-        done = sum(_load_record(cases, source.id) is not None for source in discovery.sources)
-        raise CacheBuildInterrupted(
-            f"cache build interrupted: {done} of the {len(discovery.sources)} scans are preprocessed in {cache}; "
-            f"rerun the same command to preprocess the other {len(discovery.sources) - done} and go on."
-        ) from None
+    return records, todo, unfingerprinted
 
-    manifest_cases: List[Dict[str, Any]] = []
+
+def _fingerprint_old_records(sources: List[Source], cases: Path, preprocessing: PretrainPreprocessing,
+                             min_shape: Tuple[int, int, int], num_workers: int,
+                             progress: bool) -> Dict[str, Dict[str, Any]]:
+    """Add a fingerprint to the records of ``sources`` (cached before records carried one) with
+    :func:`_add_fingerprint`; returns {case id: record} of those whose record is still usable."""
+    if not sources:
+        return {}
+    logger.info("cache %s: %d cached scans were cached before scans had fingerprints; reading them to add "
+                "one (nothing is preprocessed again)", cases.parent, len(sources))
+    fingerprinted = _run(sources, cases, preprocessing, min_shape, num_workers, progress,
+                         process=_add_fingerprint, description="fingerprinting cached scans")
+    # A scan whose fingerprinting failed (even a dead worker) keeps its usable record.
+    return {case_id: record for case_id, record in fingerprinted.items()
+            if record is not None and record.get("status") == "ok"}
+
+
+def _interrupted(cache: Path, sources: Sequence[Source]) -> CacheBuildInterrupted:
+    """The error of an interrupted build: how many scans are cached, and how to go on."""
+    done = sum(_load_record(cache / _CASES, source.id) is not None for source in sources)
+    return CacheBuildInterrupted(
+        f"cache build interrupted: {done} of the {len(sources)} scans are preprocessed in {cache}; "
+        f"rerun the same command to preprocess the other {len(sources) - done} and go on.")
+
+
+def _usable_and_skipped(discovery: Discovery, records: Dict[str, Dict[str, Any]],
+                        preprocessing: PretrainPreprocessing, min_shape: Tuple[int, int, int]
+                        ) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str]]]:
+    """(records of the usable cases in discovery order, sorted (path, reason) of every file or series not used)."""
+    usable: List[Dict[str, Any]] = []
     skipped: List[Tuple[str, str]] = list(discovery.skipped)
     for source in discovery.sources:
         record = records[source.id]
@@ -399,25 +460,31 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
                                               f"voxels (z, y, x) at {preprocessing.target_spacing_mm} mm, at least "
                                               f"{min_shape} needed"))
         else:
-            manifest_cases.append(record)
+            usable.append(record)
     skipped.sort()
-    missing = [case["source"] for case in manifest_cases if "fingerprint" not in case]
+    return usable, skipped
+
+
+def _write_skipped_and_manifest(cache: Path, preprocessing: PretrainPreprocessing, source_roots: List[str],
+                                min_shape: Tuple[int, int, int], usable: List[Dict[str, Any]],
+                                skipped: List[Tuple[str, str]], found_anything: bool) -> None:
+    """Write ``skipped.json``, then the finished manifest; SMITError (and no finished manifest) if nothing is usable."""
+    missing = [case["source"] for case in usable if "fingerprint" not in case]
     if missing:
         logger.warning("cache %s: %d usable scans have no fingerprint, their source files cannot be read any more "
                        "(first: %s); the encoder will not record them, so fine-tuning cannot check held-out cases "
                        "against them", cache, len(missing), missing[0])
-    _write_json_atomic(cache / _SKIPPED, [{"path": p, "reason": r} for p, r in skipped])
-    if not manifest_cases:
-        if discovery.sources or discovery.skipped:
+    _write_json(cache / _SKIPPED, [{"path": p, "reason": r} for p, r in skipped])
+    if not usable:
+        if found_anything:
             detail = (f"{len(skipped)} files or series were skipped, the reasons are in {cache / _SKIPPED}")
         else:
             detail = "the folders hold no NIfTI, NRRD, MetaImage or DICOM files"
         raise SMITError(f"No usable CT scan found under {', '.join(source_roots)}; {detail}.")
-    manifest = {**settings, "complete": True, "source_dirs": source_roots, "min_shape": list(min_shape),
-                "cases": manifest_cases}
-    _write_json_atomic(manifest_path, manifest)
-    logger.info("cache %s: %d cases usable, %d skipped", cache, len(manifest_cases), len(skipped))
-    return CacheIndex.open(cache)
+    manifest = {**_normalise_json(_settings(preprocessing)), "complete": True, "source_dirs": source_roots,
+                "min_shape": list(min_shape), "cases": usable}
+    _write_json(cache / _MANIFEST, manifest)
+    logger.info("cache %s: %d cases usable, %d skipped", cache, len(usable), len(skipped))
 
 
 @contextlib.contextmanager
@@ -534,13 +601,12 @@ def _run_workers(todo: List[Source], cases: Path, process: Callable[..., Dict[st
             }
             bar.update()
     if suspects:  # no worker runs now: remove what the dead ones were writing
-        for leftover in cases.glob(f"{_TMP_PREFIX}*"):
-            leftover.unlink(missing_ok=True)
+        _remove_leftovers(cases)
 
 
 def _running_marker(cases: PathLike, source: Source) -> Path:
     """Present while a worker preprocesses ``source`` (a temporary name: a new build removes leftovers)."""
-    return Path(cases) / f"{_TMP_PREFIX}running-{source.id}"
+    return Path(cases) / f".{source.id}.running.tmp"
 
 
 def _tracked(process: Callable[..., Dict[str, Any]], source: Source, cases_dir: str, *args: Any) -> Dict[str, Any]:
