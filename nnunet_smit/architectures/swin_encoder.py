@@ -9,7 +9,7 @@ hardware has them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from nnunet_smit.architectures.config import MERGE_ORDERS, SMITConfig
+from nnunet_smit.architectures.weight_decay import no_weight_decay_names
 from nnunet_smit.errors import InputShapeError
 
 Size3 = Tuple[int, int, int]
@@ -344,6 +345,11 @@ class SwinEncoder(nn.Module):
                 self.add_module(f"norm{i}", nn.LayerNorm(dim, eps=config.layer_norm_eps))
         self.apply(_init_weights)
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of the parameters that take no weight decay (norms, biases, relative position tables), by the
+        project's one rule (:mod:`nnunet_smit.architectures.weight_decay`)."""
+        return no_weight_decay_names(self.named_parameters())
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for stage in self.layers:

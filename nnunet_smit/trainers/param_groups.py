@@ -11,8 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from torch import nn
 
-# Parameters that must not shrink towards zero: 1-D tensors (norm weights, biases) and these tables/tokens.
-NO_WEIGHT_DECAY_NAMES = ("relative_position_bias_table", "mask_token", "absolute_pos_embed", "pos_embed")
+from nnunet_smit.architectures.weight_decay import uses_weight_decay
 
 _BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
@@ -45,13 +44,6 @@ def encoder_layer_id(name: str, depths: Sequence[int]) -> int:
     if name.startswith("patch_embed."):
         return 0
     return sum(depths)
-
-
-def uses_weight_decay(name: str, parameter: nn.Parameter) -> bool:
-    """No weight decay on norms, biases (1-D tensors) and position tables/tokens."""
-    if parameter.ndim <= 1 or name.endswith(".bias"):
-        return False
-    return not any(part in name for part in NO_WEIGHT_DECAY_NAMES)
 
 
 def build_param_groups(

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nnunet_smit.architectures import SMITConfig, SMITNet
-from nnunet_smit.trainers.param_groups import build_param_groups, encoder_layer_id, uses_weight_decay
+from nnunet_smit.trainers.param_groups import build_param_groups, encoder_layer_id
 
 CONFIG = SMITConfig.preset("tiny")
 
@@ -72,8 +72,3 @@ def test_frozen_encoder_leaves_encoder_out(network):
     names = [n for g in groups for n in g["param_names"]]
     assert names and not any(n.startswith("encoder.") for n in names)
 
-
-def test_uses_weight_decay_rules():
-    assert not uses_weight_decay("x.bias", torch.nn.Parameter(torch.zeros(3, 3)))
-    assert not uses_weight_decay("mask_token", torch.nn.Parameter(torch.zeros(1, 1, 3)))
-    assert uses_weight_decay("x.weight", torch.nn.Parameter(torch.zeros(3, 3)))
