@@ -88,7 +88,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "monai>=1.3"],
+        "test": ["pytest>=7", "monai>=1.3", "tensorboard>=2.10"],
+        "tensorboard": ["tensorboard>=2.10"],
     },
     entry_points={
         "console_scripts": [

@@ -127,7 +127,8 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
     import torch
 
     from nnunet_smit.pretraining.cache import CacheIndex
-    from nnunet_smit.pretraining.engine import PretrainConfig, PretrainTrainer
+    from nnunet_smit.pretraining.config import PretrainConfig
+    from nnunet_smit.pretraining.trainer import PretrainTrainer
 
     precision, checkpointing, compile_mode, authors, _, kernel = SETTINGS[name]
     if authors:
@@ -236,13 +237,13 @@ def loader_setting(args: argparse.Namespace, workers: int) -> Dict:
     import torch
 
     from nnunet_smit.pretraining.cache import CacheIndex
-    from nnunet_smit.pretraining.engine import _ResumableSampler
+    from nnunet_smit.pretraining.loader import ResumableSampler
     from nnunet_smit.pretraining.sampler import EpochShardSampler, TwoViewDataset, ViewSampling
 
     cache = CacheIndex.open(args.cache)
     dataset = TwoViewDataset(cache, ViewSampling((args.view,) * 3, (args.view + 32,) * 3))
     shard = EpochShardSampler(len(cache.case_ids), len(cache.case_ids) * args.batch, args.batch)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=_ResumableSampler(shard, 0),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=ResumableSampler(shard, 0),
                                          num_workers=workers, prefetch_factor=4 if workers else None)
     iterator = iter(loader)
     # One batch per worker first, so the timed batches are produced while timing, not prefetched before.

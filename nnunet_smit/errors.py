@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -15,6 +16,26 @@ class CheckpointError(SMITError):
 
 class InputShapeError(SMITError, ValueError):
     """An input tensor breaks the architecture's size rule."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed by rerunning the same command."""
+
+    def __init__(self, message: str, checkpoint_path: Path) -> None:
+        super().__init__(message)
+        self.message = message
+        self.checkpoint_path = checkpoint_path
+
+
+class TrainingDiverged(SMITError):
+    """The weights stopped being finite numbers; the last checkpoint written before is kept."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a file-system error: the path and what went wrong."""
+    what = error.strerror or type(error).__name__
+    path = error.filename if error.filename is not None else "a file"
+    return f"{path}: {what}; check the path, its permissions and the free space."
 
 
 def run_cli(call: Callable[[], object], output: str, interrupted: str) -> int:

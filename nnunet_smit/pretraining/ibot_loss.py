@@ -1,22 +1,24 @@
 """iBOT masked patch-token self-distillation loss.
 
 On every masked token of a view, the student (which saw the mask token there) predicts the teacher's distribution
-of the same token (the teacher saw the whole view). The teacher is centred by a running-mean center (default) or
-by Sinkhorn-Knopp over all masked tokens of all processes; the center buffer is updated in both modes, like
-DINO's, from the masked teacher tokens and all-reduced under data parallelism.
+of the same token (the teacher saw the whole view): (M, K) student logits against (M, K) teacher probabilities of
+the M masked tokens of all views, averaged per view, then over views. The teacher is centred as in
+:mod:`nnunet_smit.pretraining.centering`: by a running-mean center (default) or by Sinkhorn-Knopp over all masked
+tokens of all processes; the center buffer is updated in both modes, like DINO's, from the masked teacher tokens and
+all-reduced under data parallelism.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from nnunet_smit.pretraining.dino_loss import CenteredTeacherLoss
+from nnunet_smit.pretraining.centering import CenteredTeacherLoss
 
 
 class IBOTPatchLoss(CenteredTeacherLoss):
     """Cross-entropy between teacher and student patch-token distributions on masked tokens.
 
-    Arguments as :class:`~nnunet_smit.pretraining.dino_loss.CenteredTeacherLoss`; with ``"sinkhorn_knopp"`` the
+    Arguments as :class:`~nnunet_smit.pretraining.centering.CenteredTeacherLoss`; with ``"sinkhorn_knopp"`` the
     teacher is normalised over all masked tokens of all processes.
     """
 

@@ -3,8 +3,8 @@
 The Kozachenko-Leonenko differential-entropy estimator (as used by DINOv2): for L2-normalised features ``x_i`` of
 the n samples of one view slot, ``-mean_i log(min_{j != i} ||x_i - x_j|| + eps)``. Minimising it pushes every
 sample away from its nearest neighbour. Applied to the DINO head's bottleneck embedding, it keeps the teacher's
-output input-dependent where DINO, iBOT and reconstruction alone let it become the same for every scan (see
-:mod:`nnunet_smit.pretraining.dino_loss`).
+output input-dependent where DINO, iBOT and reconstruction alone let it become the same for every scan
+(measurements: ``docs/pretraining.md``, "Teacher collapse and KoLeo").
 """
 from __future__ import annotations
 

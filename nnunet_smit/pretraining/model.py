@@ -11,9 +11,10 @@ after the stage-2 patch merging (8C channels at 1/16 of the view, one token per 
   view, L1 on masked voxels.
 * KoLeo (not in SMIT, on by default): spreads the student's global embeddings (the DINO head's L2-normalised
   bottleneck) of the different scans of a view slot, DINOv2's regulariser, here against a teacher whose output
-  becomes the same for every scan (see :mod:`nnunet_smit.pretraining.dino_loss`).
+  becomes the same for every scan (docs/pretraining.md, "Teacher collapse").
 
-The module knows nothing about data loading; the engine feeds it views and cube masks.
+The module knows nothing about data loading or compiling; the trainer feeds it views and cube masks, and
+:class:`~nnunet_smit.pretraining.step.StepRunner` decides how the device part runs.
 """
 from __future__ import annotations
 
@@ -96,8 +97,9 @@ def tap_tokens(merged: torch.Tensor) -> torch.Tensor:
     return merged.flatten(2).transpose(1, 2)
 
 
-class StudentNetwork(nn.Module):
-    """Encoder, tap norm, heads and mask token of one side (student or teacher).
+class EncoderWithHeads(nn.Module):
+    """Encoder, tap norm, heads, mask token and reconstruction head of one side: the student, and (without mask
+    token and reconstruction head) the teacher.
 
     Args:
         config: encoder architecture.
@@ -227,6 +229,34 @@ class LossOutput:
     preview: Optional[Dict[str, torch.Tensor]] = None
 
 
+@dataclass
+class StepInputs:
+    """A step's inputs as the device part takes them (:meth:`SMITPretrainModel.prepare_inputs`).
+
+    Attributes:
+        x: (N, C_in, D, H, W) views, view-major (N = V*B).
+        host_masks: bool (N, D/cube, H/cube, W/cube) cube masks on the host (for the preview).
+        masks: the same on the views' device.
+        patch_index: long (M,) masked tap tokens (:func:`masked_tap_index`), on the device.
+        token_view: long (M,) the view of each of them, on the device.
+        teacher_temp: 0-d float tensor (a tensor, so that a changing temperature does not recompile).
+        num_views: views per scan (V).
+    """
+
+    x: torch.Tensor
+    host_masks: torch.Tensor
+    masks: torch.Tensor
+    patch_index: torch.Tensor
+    token_view: torch.Tensor
+    teacher_temp: torch.Tensor
+    num_views: int
+
+    def device_arguments(self, update_centers: bool) -> Tuple[Any, ...]:
+        """The arguments of :meth:`SMITPretrainModel.losses_on_device` after the student."""
+        return (self.x, self.masks, self.patch_index, self.token_view, self.teacher_temp, self.num_views,
+                update_centers)
+
+
 class SMITPretrainModel(nn.Module):
     """Student + EMA teacher + losses of SMIT pretraining.
 
@@ -261,20 +291,16 @@ class SMITPretrainModel(nn.Module):
         check_objectives_and_cube(self.weights, mask_cube_size)
         enabled = self.weights.enabled()
         self.mask_cube_size = int(mask_cube_size)
-        self.student = StudentNetwork(config, self.weights, heads, separate_patch_head, True, gradient_checkpointing)
+        self.student = EncoderWithHeads(config, self.weights, heads, separate_patch_head, True, gradient_checkpointing)
         self.uses_teacher = enabled["dino"] or enabled["ibot"]
-        self.teacher: Optional[StudentNetwork] = None
+        self.teacher: Optional[EncoderWithHeads] = None
         if self.uses_teacher:
             self.teacher = self._copy_student_as_teacher()
         loss_kwargs = dict(student_temp=student_temp, center_momentum=center_momentum, centering=centering)
         self.dino_loss = DINOLoss(heads.out_dim, **loss_kwargs) if enabled["dino"] else None
         self.ibot_loss = IBOTPatchLoss(heads.out_dim, **loss_kwargs) if enabled["ibot"] else None
-        # Set by compile_losses(); not a module attribute torch.nn would register or save.
-        self.compiled_losses: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
-        self.compiled_with_graphs = False
-        self.shift_masks_cached = False
 
-    def _copy_student_as_teacher(self) -> StudentNetwork:
+    def _copy_student_as_teacher(self) -> EncoderWithHeads:
         """The teacher starts as an exact copy of the student (without mask token and reconstruction head)."""
         teacher = copy.deepcopy(self.student)
         teacher.recon_head = None
@@ -327,36 +353,35 @@ class SMITPretrainModel(nn.Module):
         views: torch.Tensor,
         cube_masks: torch.Tensor,
         teacher_temp: float,
-        student: Optional[Callable[..., StudentOutput]] = None,
         update_centers: bool = True,
         with_preview: bool = False,
-        eager_student: Optional[Callable[..., StudentOutput]] = None,
     ) -> LossOutput:
-        """Forward student and teacher and compute the weighted SMIT loss.
+        """Forward student and teacher eagerly and compute the weighted SMIT loss (a compiled or data-parallel step
+        runs through :class:`~nnunet_smit.pretraining.step.StepRunner`, which calls the same three parts).
 
         Args:
             views: (B, V, C_in, D, H, W) float, V views of each of B scans.
             cube_masks: bool (B, V, D/cube, H/cube, W/cube), True where the student's view is masked; best on the
                 CPU, as the loader delivers them (on the device they are copied back once).
             teacher_temp: current teacher temperature.
-            student: the callable that runs the student (the DDP wrapper under data parallelism); defaults to
-                ``self.student``.
             update_centers: update the DINO/iBOT centers with this step's teacher outputs.
             with_preview: also return the first view's input, mask and reconstruction (detached, on CPU).
-            eager_student: where ``student`` is compiled (under DDP), its uncompiled form, run in the first step.
 
         Returns:
             :class:`LossOutput` with the total loss and the unweighted terms ``dino``, ``ibot``, ``reconstruction``
             and ``koleo`` (those switched on).
         """
-        student = self.student if student is None else student
-        num_views = views.shape[1]
+        inputs = self.prepare_inputs(views, cube_masks, teacher_temp)
+        outputs = self.losses_on_device(self.student, *inputs.device_arguments(update_centers))
+        return self.loss_output(outputs, inputs, with_preview)
+
+    def prepare_inputs(self, views: torch.Tensor, cube_masks: torch.Tensor, teacher_temp: float) -> "StepInputs":
+        """The host part of a step before the device part: views in view-major order, and the masks with the
+        masked tap tokens' indices counted on the host, where the masks come from, and sent along with them, so
+        that no step waits for the device to count them."""
         device = views.device
-        # View-major order: rows [v*B:(v+1)*B] hold view v of every scan.
-        x = views.transpose(0, 1).flatten(0, 1)
+        x = views.transpose(0, 1).flatten(0, 1)  # rows [v*B:(v+1)*B] hold view v of every scan
         host_masks = cube_masks.transpose(0, 1).flatten(0, 1).cpu()
-        # The masked tap tokens' indices are counted on the host, where the masks come from, and sent along with
-        # the masks: no step waits for the device to count them.
         tap_host = cube_mask_to_grid(host_masks, self.mask_cube_size, TAP_STRIDE)
         patch_index_host = masked_tap_index(tap_host)
         token_view_host = patch_index_host // tap_host[0].numel()
@@ -364,22 +389,11 @@ class SMITPretrainModel(nn.Module):
             to_device_async(t, device) for t in (host_masks, patch_index_host, token_view_host)
         )
         temperature = torch.full((), float(teacher_temp), dtype=torch.float32, device=device)
+        return StepInputs(x, host_masks, masks, patch_index, token_view, temperature, views.shape[1])
 
-        # Eager also for the first step of a compiled run (the losses or the student): it fills the encoders'
-        # shift-mask caches, which a graph traced before would have to be traced again for (a second compilation).
-        eager = self.compiled_losses is None or not self.shift_masks_cached
-        if not self.shift_masks_cached and eager_student is not None:
-            student = eager_student
-        # CUDA graphs ("reduce-overhead") reuse their output memory at the next replay: a new step begins here, and
-        # what outlives the step (logged terms, teacher probabilities, the preview) is copied.
-        graphs = not eager and self.compiled_with_graphs
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        losses = self.losses_on_device if eager else self.compiled_losses
-        outputs = losses(student, x, masks, patch_index, token_view, temperature, num_views, update_centers)
-        self.shift_masks_cached = True
-        if graphs:
-            outputs = {k: v if k == "total" else v.clone() for k, v in outputs.items()}
+    def loss_output(self, outputs: Dict[str, torch.Tensor], inputs: "StepInputs", with_preview: bool) -> LossOutput:
+        """The device part's outputs as a :class:`LossOutput`, with the preview when asked for."""
+        outputs = dict(outputs)
         result = LossOutput(
             total=outputs.pop("total"),
             teacher_global_probs=outputs.pop("teacher_global_probs", None),
@@ -387,9 +401,9 @@ class SMITPretrainModel(nn.Module):
         reconstruction = outputs.pop("reconstruction_output", None)
         result.terms = outputs
         if with_preview:
-            voxels = cube_mask_to_grid(host_masks[:1], self.mask_cube_size, 1)
+            voxels = cube_mask_to_grid(inputs.host_masks[:1], self.mask_cube_size, 1)
             result.preview = {
-                "input": x[0, 0].detach().float().cpu(),
+                "input": inputs.x[0, 0].detach().float().cpu(),
                 "mask": voxels[0].cpu(),
                 "reconstruction": reconstruction[0, 0].detach().float().cpu() if reconstruction is not None else None,
             }
@@ -409,7 +423,7 @@ class SMITPretrainModel(nn.Module):
         """The device part of :meth:`compute_losses`: student and teacher passes and the weighted loss.
 
         Free of host synchronisation and data-dependent shapes, so the device never waits for the host's next
-        command and ``torch.compile`` can trace it whole (:meth:`compile_losses`).
+        command and ``torch.compile`` can trace it whole (:meth:`~nnunet_smit.pretraining.step.StepRunner.compile`).
 
         Args:
             student: the callable that runs the student.
@@ -428,50 +442,43 @@ class SMITPretrainModel(nn.Module):
         token_mask = cube_mask_to_grid(masks, self.mask_cube_size, self.config.patch_size)
         s_out = student(x, token_mask, patch_index)
         outputs: Dict[str, torch.Tensor] = {}
-        total = x.new_zeros((), dtype=torch.float32)
-
         if self.teacher is not None:
-            with torch.no_grad():
-                t_out = self.teacher(x, None, patch_index)
-            if self.dino_loss is not None:
-                t_probs = self.dino_loss.teacher_probs(t_out.global_logits, teacher_temp)
-                loss = self.dino_loss(s_out.global_logits.chunk(num_views), t_probs.chunk(num_views))
-                outputs["dino"] = loss
-                total = total + self.weights.dino * loss
-                outputs["teacher_global_probs"] = t_probs.detach()
-                if update_centers:
-                    self.dino_loss.update_center(t_out.global_logits)
-            if self.ibot_loss is not None:
-                t_probs = self.ibot_loss.teacher_probs(t_out.patch_logits, teacher_temp)
-                loss = self.ibot_loss(s_out.patch_logits, t_probs, token_view, x.shape[0])
-                outputs["ibot"] = loss
-                total = total + self.weights.ibot * loss
-                if update_centers:
-                    self.ibot_loss.update_center(t_out.patch_logits)
-
+            self._distillation_losses(s_out, x, patch_index, token_view, teacher_temp, num_views, update_centers,
+                                      outputs)
         if self.weights.koleo > 0:
             # Per view slot, over the scans of the batch: the two views of one scan are not pushed apart. On the
             # embedding the prototypes are compared with: its spread is what makes the teacher input-dependent.
             spread = s_out.global_embedding if s_out.global_embedding is not None else s_out.global_token
-            loss = torch.stack([koleo_loss(t) for t in spread.chunk(num_views)]).mean()
-            outputs["koleo"] = loss
-            total = total + self.weights.koleo * loss
-
+            outputs["koleo"] = torch.stack([koleo_loss(t) for t in spread.chunk(num_views)]).mean()
         if s_out.reconstruction is not None:
-            loss = masked_l1(s_out.reconstruction, x, masks, self.mask_cube_size)
-            outputs["reconstruction"] = loss
-            total = total + self.weights.reconstruction * loss
+            outputs["reconstruction"] = masked_l1(s_out.reconstruction, x, masks, self.mask_cube_size)
             outputs["reconstruction_output"] = s_out.reconstruction.detach()
-
+        total = x.new_zeros((), dtype=torch.float32)
+        for name in ("dino", "ibot", "koleo", "reconstruction"):  # the order of the sum, fixed
+            if name in outputs:
+                total = total + getattr(self.weights, name) * outputs[name]
         outputs["total"] = total
         return outputs
 
-    def compile_losses(self, **compile_kwargs: Any) -> None:
-        """Run :meth:`losses_on_device` through ``torch.compile`` from now on (student, teacher and losses as one
-        graph: fused kernels and far fewer launches than eager mode). ``compile_kwargs`` go to ``torch.compile``
-        (e.g. ``mode="max-autotune"``)."""
-        self.compiled_losses = torch.compile(self.losses_on_device, **compile_kwargs)
-        self.compiled_with_graphs = compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+    def _distillation_losses(
+        self, s_out: StudentOutput, x: torch.Tensor, patch_index: torch.Tensor, token_view: torch.Tensor,
+        teacher_temp: torch.Tensor, num_views: int, update_centers: bool, outputs: Dict[str, torch.Tensor],
+    ) -> None:
+        """The teacher's pass, and DINO (global token across views) and iBOT (masked patch tokens, same view)
+        into ``outputs``, with the teacher's global probabilities; updates the centers after the losses."""
+        with torch.no_grad():
+            t_out = self.teacher(x, None, patch_index)
+        if self.dino_loss is not None:
+            t_probs = self.dino_loss.teacher_probs(t_out.global_logits, teacher_temp)
+            outputs["dino"] = self.dino_loss(s_out.global_logits.chunk(num_views), t_probs.chunk(num_views))
+            outputs["teacher_global_probs"] = t_probs.detach()
+            if update_centers:
+                self.dino_loss.update_center(t_out.global_logits)
+        if self.ibot_loss is not None:
+            t_probs = self.ibot_loss.teacher_probs(t_out.patch_logits, teacher_temp)
+            outputs["ibot"] = self.ibot_loss(s_out.patch_logits, t_probs, token_view, x.shape[0])
+            if update_centers:
+                self.ibot_loss.update_center(t_out.patch_logits)
 
 
 def teacher_collapse_stats(probs: torch.Tensor) -> Dict[str, float]:

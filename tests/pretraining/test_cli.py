@@ -167,12 +167,13 @@ def test_folder_without_scans_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_an_interrupted_cache_build_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    from nnunet_smit.pretraining import cache
+    from nnunet_smit.pretraining import engine
+    from nnunet_smit.pretraining.cache import CacheBuildInterrupted
 
     def interrupted(*args, **kwargs):
-        raise cache.CacheBuildInterrupted("cache build interrupted: 3 of the 9 scans are preprocessed in X; rerun ...")
+        raise CacheBuildInterrupted("cache build interrupted: 3 of the 9 scans are preprocessed in X; rerun ...")
 
-    monkeypatch.setattr(cache, "build_cache", interrupted)
+    monkeypatch.setattr(engine, "build_cache", interrupted)  # what the cache's SIGINT/SIGTERM handling raises
     code = main(["-d", str(tmp_path), "-o", str(tmp_path / "out"), *TINY_ARGS])
     captured = capsys.readouterr()
     assert code == 130 and captured.err.startswith("cache build interrupted: 3 of the 9")
@@ -279,37 +280,3 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, caps
     assert code == 2 and captured.err.startswith(f"error: {out}") and "Traceback" not in captured.err
     assert ": Not a directory; check the path, its permissions and the free space." in captured.err
     assert captured.err.count("\n") == 1
-
-
-@pytest.mark.parametrize("environ, resolved, refused", [
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, "127.0.1.1", True),  # 2 nodes, Debian's /etc/hosts
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, None, True),  # the name resolves to nothing: gloo uses loopback
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, "::1", True),
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, "10.1.2.3", False),
-    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GLOO_SOCKET_IFNAME": "ib0"}, "127.0.1.1", False),
-    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, "127.0.1.1", False),  # one node: loopback reaches every process
-    ({"WORLD_SIZE": "16"}, "127.0.1.1", False),  # not torchrun: the nodes are unknown
-])
-def test_a_multi_node_run_whose_gloo_groups_would_bind_to_loopback_is_refused(monkeypatch, environ, resolved,
-                                                                              refused):
-    import socket
-
-    from nnunet_smit.errors import SMITError
-    from nnunet_smit.pretraining.engine import check_gloo_address
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if resolved is None:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        family = socket.AF_INET6 if ":" in resolved else socket.AF_INET
-        return [(family, socket.SOCK_STREAM, 6, "", (resolved, 0))]
-
-    monkeypatch.setattr(socket, "gethostname", lambda: "node07")
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    if not refused:
-        check_gloo_address(environ)
-        return
-    with pytest.raises(SMITError) as error:
-        check_gloo_address(environ)
-    message = str(error.value)
-    assert "\n" not in message and "'node07'" in message and "GLOO_SOCKET_IFNAME" in message
-    assert (f"loopback address {resolved}" if resolved else "does not resolve") in message

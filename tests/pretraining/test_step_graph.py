@@ -11,7 +11,7 @@ import torch
 
 from nnunet_smit.architectures import SMITConfig
 from nnunet_smit.errors import SMITError
-from nnunet_smit.pretraining.engine import PretrainConfig
+from nnunet_smit.pretraining.config import PretrainConfig
 from nnunet_smit.pretraining.ibot_loss import IBOTPatchLoss
 from nnunet_smit.pretraining.masking import CubeMaskGenerator, cube_mask_to_grid
 from nnunet_smit.pretraining.model import (
@@ -21,6 +21,7 @@ from nnunet_smit.pretraining.model import (
     masked_l1,
     masked_tap_index,
 )
+from nnunet_smit.pretraining.step import StepRunner
 
 HEADS = HeadConfig(hidden_dim=32, bottleneck_dim=16, out_dim=64)
 
@@ -86,13 +87,14 @@ def test_compiled_losses_match_eager_losses_and_gradients():
     torch.manual_seed(0)
     eager = SMITPretrainModel(SMITConfig.preset("tiny"), heads=HEADS).train()
     compiled = copy.deepcopy(eager)
-    compiled.compile_losses(backend="aot_eager", fullgraph=True)
+    runners = {id(eager): eager.compute_losses, id(compiled): StepRunner(compiled)}
+    runners[id(compiled)].compile(backend="aot_eager", fullgraph=True)
     for step in range(2):
         views, masks = make_batch(seed=step)
         results = []
         for model in (eager, compiled):
             model.zero_grad()
-            out = model.compute_losses(views, masks, teacher_temp=0.04, with_preview=True)
+            out = runners[id(model)](views, masks, teacher_temp=0.04, with_preview=True)
             out.total.backward()
             grads = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
             results.append((out, grads))
@@ -122,11 +124,12 @@ def test_the_compiled_step_compiles_once():
 
     torch.manual_seed(0)
     model = SMITPretrainModel(SMITConfig.preset("tiny"), heads=HEADS).train()
-    model.compile_losses(backend=counting_backend, fullgraph=True)
+    runner = StepRunner(model)
+    runner.compile(backend=counting_backend, fullgraph=True)
     for step in range(3):
         views, masks = make_batch(seed=step)
         model.zero_grad()
-        model.compute_losses(views, masks, teacher_temp=0.04 + 0.01 * step).total.backward()
+        runner(views, masks, teacher_temp=0.04 + 0.01 * step).total.backward()
     assert len(graphs) == 1
 
 
@@ -136,7 +139,7 @@ def test_unknown_compile_mode_is_a_one_line_error():
 
 
 def test_a_failing_compiler_warns_and_the_run_continues_eagerly(tmp_path_factory, tmp_path, caplog):
-    from nnunet_smit.pretraining.engine import PretrainTrainer
+    from nnunet_smit.pretraining.trainer import PretrainTrainer
 
     from .training_support import phantom_cache, tiny_config
 
@@ -149,16 +152,16 @@ def test_a_failing_compiler_warns_and_the_run_continues_eagerly(tmp_path_factory
         torch.manual_seed(0)
         trainers[name] = PretrainTrainer(tiny_config(compile=compile_step), cache, tmp_path / name)
     compiled = trainers["compiled"]
-    compiled.model.compiled_losses = torch.compile(compiled.model.losses_on_device, backend=broken_backend)
+    compiled.runner.compile(backend=broken_backend)
     batch = torch.utils.data.default_collate([trainers["eager"].dataset.sample(0, 0)])
     losses = {}
-    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining"):
         for name, trainer in trainers.items():
             # Step 1 runs eagerly in both; step 2 is the compiled one's first compiled step.
             losses[name] = [float(trainer.train_step(batch)[0]["loss"]) for _ in range(3)]
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert warnings == ["torch.compile failed (RuntimeError: no C++ compiler found); training continues without "
                         "compiling."]
-    assert compiled.model.compiled_losses is None
+    assert not compiled.runner.compiled
     # Compiling failed before anything ran, so the step was repeated exactly: the same losses as eager training.
     assert losses["compiled"] == losses["eager"]

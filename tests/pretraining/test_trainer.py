@@ -10,10 +10,10 @@ import torch
 
 from nnunet_smit.architectures import SMITConfig, SMITNet
 from nnunet_smit.checkpoint import load_encoder_checkpoint, load_encoder_weights
-from nnunet_smit.errors import SMITError
-from nnunet_smit.pretraining.engine import (
-    CHECKPOINT_NAME, PretrainConfig, PretrainTrainer, TrainingDiverged, TrainingInterrupted,
-)
+from nnunet_smit.errors import SMITError, TrainingDiverged, TrainingInterrupted
+from nnunet_smit.pretraining.config import PretrainConfig
+from nnunet_smit.pretraining.state import CHECKPOINT_NAME
+from nnunet_smit.pretraining.trainer import PretrainTrainer
 from nnunet_smit.pretraining.model import teacher_collapse_stats
 from tests.pretraining.training_support import N_PHANTOMS, phantom_cache, tiny_config
 
@@ -203,14 +203,14 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path
 def test_schedules_the_run_cuts_short_are_warned_about(cache, tmp_path, caplog):
     config = tiny_config(epochs=2, warmup_epochs=3, teacher_temp_end=0.07, teacher_temp_warmup_epochs=5,
                          freeze_last_layer_epochs=2)
-    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining"):
         PretrainTrainer(config, cache, tmp_path)
     warned = "\n".join(r.getMessage() for r in caplog.records)
     assert "the learning-rate warm-up (3 epochs) is not shorter than the run (2 epochs)" in warned
     assert "the temperature never reaches 0.07" in warned
     assert "the prototypes stay frozen for the whole run" in warned
     caplog.clear()
-    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining"):
         PretrainTrainer(tiny_config(), cache, tmp_path / "fine")
     assert not [r for r in caplog.records if "epochs" in r.getMessage()]
 
@@ -219,13 +219,13 @@ def test_a_compiled_student_runs_eagerly_in_the_first_step(cache, tmp_path):
     # As under DDP with --compile: traced while the first step fills the shift-mask caches, the student would be
     # compiled a second time at the next step.
     trainer = PretrainTrainer(tiny_config(max_steps=3), cache, tmp_path)
-    eager, compiled_at = trainer._eager_student_fn, []
+    eager, compiled_at = trainer.runner.eager_student, []
 
     def compiled(*args, **kwargs):
         compiled_at.append(trainer.step)
         return eager(*args, **kwargs)
 
-    trainer.student_fn = compiled
+    trainer.runner.student = compiled
     trainer.fit()
     assert compiled_at == [1, 2]
 
@@ -253,8 +253,6 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_l
                                                                                            monkeypatch):
     import errno
 
-    from nnunet_smit.pretraining import engine
-
     trainer = PretrainTrainer(tiny_config(max_steps=6, checkpoint_every_steps=2), cache, tmp_path)
     save = torch.save
 
@@ -265,21 +263,23 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_keeps_the_l
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(engine.torch, "save", disk_full_after_step_two)
+    monkeypatch.setattr(torch, "save", disk_full_after_step_two)
     with pytest.raises(SMITError) as failed:
         trainer.fit()
     assert str(failed.value) == (
         f"could not write {tmp_path / CHECKPOINT_NAME} at step 4 (No space left on device); the one of step 2 is "
         "kept. Free space and rerun the same command to resume.")
-    monkeypatch.setattr(engine.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)
     assert torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["step"] == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     # The export at the end of a run: the state is saved first, and a rerun exports from it.
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def no_space_for_the_export(obj, path, *args, **kwargs):
+        if "smit_encoder" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "save_encoder_checkpoint", no_space)
+    monkeypatch.setattr(torch, "save", no_space_for_the_export)
     with pytest.raises(SMITError) as failed:
         PretrainTrainer(tiny_config(max_steps=3, checkpoint_every_steps=2), cache, tmp_path).fit()
     assert str(failed.value) == (
@@ -379,22 +379,6 @@ def test_the_export_records_the_fingerprint_of_every_scan_the_weights_have_seen(
     started = PretrainTrainer(tiny_config(max_steps=1, init_encoder=str(exported)), one, tmp_path / "init").fit()
     assert load_encoder_checkpoint(started).pretraining_scans == every_scan
     assert json.loads((tmp_path / "init" / "run_summary.json").read_text())["fingerprinted_scans"] == N_PHANTOMS
-
-
-def test_automatic_loader_workers_follow_the_cores_of_each_process(monkeypatch):
-    import os
-
-    from nnunet_smit.pretraining.engine import auto_loader_workers
-
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    for cores, local_world, expected in ((16, 1, 8), (96, 8, 8), (32, 8, 3), (4, 4, 1), (1, 1, 1)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-        assert auto_loader_workers(cuda) == expected, (cores, local_world)
-    assert auto_loader_workers(cpu) == 0  # one core left: the training uses it
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
-    assert auto_loader_workers(cpu) == 1
-    assert PretrainConfig().num_workers is None
 
 
 def test_a_killed_loader_worker_is_a_one_line_error_that_names_the_kept_state(cache, tmp_path):
@@ -521,7 +505,7 @@ def test_init_encoder_is_not_read_when_the_run_resumes(uninterrupted, cache, tmp
 
 
 def test_init_encoder_of_another_architecture_is_refused_naming_the_preset_that_fits(uninterrupted, tmp_path):
-    from nnunet_smit.pretraining.engine import load_init_encoder
+    from nnunet_smit.pretraining.state import load_init_encoder
 
     _, exported = uninterrupted
     with pytest.raises(SMITError) as refused:
@@ -547,10 +531,10 @@ def test_init_encoder_pretrained_on_other_preprocessing_is_warned_about(uninterr
 
     _, exported = uninterrupted
     trainer = PretrainTrainer(tiny_config(init_encoder=str(exported)), cache, tmp_path)
-    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining"):
         trainer._start_from_init_encoder()
     assert "differently prepared" not in caplog.text
     trainer.preprocessing = PretrainPreprocessing(hu_window=(-1000.0, 400.0))
-    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.engine"):
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining"):
         trainer._start_from_init_encoder()
     assert "hu_window [-175.0, 250.0] there, [-1000.0, 400.0] here" in caplog.text

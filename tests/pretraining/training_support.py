@@ -9,7 +9,7 @@ import numpy as np
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.cache import CacheIndex, build_cache
-from nnunet_smit.pretraining.engine import PretrainConfig
+from nnunet_smit.pretraining.config import PretrainConfig
 from nnunet_smit.pretraining.phantoms import generate_phantom_corpus
 
 VIEW = 64  # the smallest legal view: 4^3 mask cubes and 4^3 tap tokens

@@ -1,4 +1,5 @@
-"""Sinkhorn-Knopp centering of the teacher: normalisation, reference values, shift invariance, the DDP path."""
+"""Teacher centering: the mode check, the center buffer, and Sinkhorn-Knopp (normalisation, reference values, shift
+invariance, the DDP path)."""
 import math
 
 import pytest
@@ -7,7 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nnunet_smit.pretraining.dino_loss import DINOLoss, sinkhorn_knopp
+from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.centering import CENTERING_MODES, check_centering, sinkhorn_knopp
+from nnunet_smit.pretraining.dino_loss import DINOLoss
 from nnunet_smit.pretraining.ibot_loss import IBOTPatchLoss
 
 
@@ -75,13 +78,32 @@ def test_sinkhorn_sharpens_an_almost_input_invariant_teacher_that_centering_flat
 
 
 def test_losses_validate_the_mode_and_keep_the_center_buffer():
-    with pytest.raises(ValueError, match="centering"):
+    with pytest.raises(SMITError, match="centering"):
         DINOLoss(8, centering="mean")
     for loss in (DINOLoss(8), IBOTPatchLoss(8)):
         assert loss.centering == "center" and "center" in dict(loss.named_buffers())
         loss.update_center(torch.ones(3, 8))
         assert torch.allclose(loss.center, torch.full((1, 8), 0.1))
     assert IBOTPatchLoss(8, centering="sinkhorn_knopp").teacher_probs(torch.zeros(0, 8), 0.04).shape == (0, 8)
+
+
+def test_check_centering_names_the_allowed_modes():
+    assert [check_centering(mode) for mode in CENTERING_MODES] == list(CENTERING_MODES)
+    with pytest.raises(SMITError, match="sinkhorn_knopp, center, got 'bogus'") as error:
+        check_centering("bogus")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("centering", CENTERING_MODES)
+def test_state_dict_keys_are_unchanged_so_old_checkpoints_load(centering):
+    # Existing checkpoints hold exactly these keys (the center only); a renamed or added buffer would not resume.
+    for loss_class in (DINOLoss, IBOTPatchLoss):
+        state = loss_class(8, centering=centering).state_dict()
+        assert list(state) == ["center"], loss_class
+        assert state["center"].shape == (1, 8) and state["center"].dtype == torch.float32
+        restored = loss_class(8, centering=centering)
+        restored.load_state_dict({"center": torch.full((1, 8), 0.5)}, strict=True)
+        assert torch.equal(restored.center, torch.full((1, 8), 0.5))
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, logits: torch.Tensor, splits, results) -> None:

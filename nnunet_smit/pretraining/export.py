@@ -1,0 +1,109 @@
+"""The end of a pretraining run: the encoder checkpoint fine-tuning reads, and the run's summary.
+
+``smit_encoder_teacher.pt`` (or ``_student`` with ``export="student"``) is an encoder checkpoint in the project's
+format (:mod:`nnunet_smit.checkpoint`): the encoder's weights, its architecture, the cache's preprocessing, the view
+size as patch size, the summary below and the fingerprints of every scan the weights have seen.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from torch import nn
+
+from nnunet_smit.checkpoint import save_encoder_checkpoint, state_dict_sha256
+from nnunet_smit.conventions import PretrainPreprocessing
+from nnunet_smit.errors import SMITError
+from nnunet_smit.pretraining.config import PretrainConfig
+from nnunet_smit.pretraining.distributed import DistInfo, gather_objects
+from nnunet_smit.pretraining.model import SMITPretrainModel
+from nnunet_smit.pretraining.run_log import RunLog
+from nnunet_smit.pretraining.state import json_plain
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """How far the run has come: steps done, the epoch length in steps and the schedule's total."""
+
+    step: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def exported_side(model: SMITPretrainModel, which: str) -> Tuple[str, nn.Module]:
+    """(name, module) of the side to export: the teacher, or the student (asked for, or no teacher exists)."""
+    if which == "teacher" and model.teacher is None:
+        logger.warning("no teacher without distillation objectives; exporting the student.")
+        return "student", model.student
+    return which, model.teacher if which == "teacher" else model.student
+
+
+def weights_checksums(model: SMITPretrainModel) -> Dict[str, str]:
+    """sha256 of the student's and the teacher's weights (equal on every process of a healthy DDP run)."""
+    checksums = {"student": state_dict_sha256(model.student.state_dict())}
+    if model.teacher is not None:
+        checksums["teacher"] = state_dict_sha256(model.teacher.state_dict())
+    return checksums
+
+
+def run_summary(
+    config: PretrainConfig, model: SMITPretrainModel, which: str, progress: Progress, info: DistInfo,
+    run_log: RunLog, data_summary: Dict[str, Any], fingerprinted_scans: int, checksums_per_rank: List[Any],
+) -> Dict[str, Any]:
+    """What the export's metadata and ``run_summary.json`` say of the run."""
+    records = run_log.records()
+    last = [r for r in records if r.get("event") == "train"][-1:]
+    init = next((r["init_encoder"] for r in records if r.get("event") == "start" and "init_encoder" in r), None)
+    return json_plain({
+        "kind": "smit_pretraining",
+        "exported": which,
+        "steps": progress.step,
+        "epochs_completed": progress.step / progress.steps_per_epoch,
+        "total_steps": progress.total_steps,
+        "finished": progress.step >= progress.total_steps,
+        "world_size": info.world_size,
+        "global_batch": config.batch_size * info.world_size,
+        "last_log": last[0] if last else None,
+        "objectives": model.weights.enabled(),
+        "pretrain_config": config.to_dict(),
+        "init_encoder": init,
+        "data": data_summary,
+        "fingerprinted_scans": fingerprinted_scans,
+        "weights_checksums_per_rank": checksums_per_rank,
+    })
+
+
+def export_encoder(
+    model: SMITPretrainModel, config: PretrainConfig, preprocessing: PretrainPreprocessing, progress: Progress,
+    info: DistInfo, run_log: RunLog, data_summary: Dict[str, Any], scan_fingerprints: Dict[str, str],
+    kept_state: str,
+) -> Path:
+    """Write the encoder checkpoint and ``run_summary.json`` (rank 0); returns the checkpoint's path on every
+    process (every process must call this: the weights' checksums are gathered from all).
+
+    Args:
+        kept_state: what is kept if the write fails (names the last saved training state), for the error's line.
+    """
+    which, side = exported_side(model, config.export)
+    path = run_log.output_dir / f"smit_encoder_{which}.pt"
+    checksums_per_rank = gather_objects(info, weights_checksums(model))
+    if info.is_main:
+        summary = run_summary(config, model, which, progress, info, run_log, data_summary, len(scan_fingerprints),
+                              checksums_per_rank)
+        state_dict = {k: v.detach().cpu() for k, v in side.encoder.state_dict().items()}
+        try:
+            save_encoder_checkpoint(
+                path, state_dict, model.config, preprocessing, patch_size=(config.view_size,) * 3, summary=summary,
+                scan_fingerprints=scan_fingerprints,
+            )
+            run_log.write_json("run_summary.json", summary)
+        except OSError as error:
+            raise SMITError(f"could not write {path} ({error.strerror or error}); {kept_state}. Free space and "
+                            "rerun the same command to export.") from None
+        run_log.write({"event": "export", "step": progress.step, "path": str(path)})
+        run_log.loss_curves()
+    return path
