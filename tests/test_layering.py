@@ -260,7 +260,7 @@ CLEAN = {
     "trainers/trainer.py": "from nnunet_smit.trainers import schedule\nfrom nnunet_smit import checkpoint\n",
     "trainers/schedule.py": "",
     "study/__init__.py": "",
-    "study/arms.py": "import nnunet_smit.trainers.trainer\nimport nnunet_smit.pretraining.cli as cli\n",
+    "study/arms.py": "import nnunet_smit.trainers.trainer\nimport nnunet_smit.checkpoint as checkpoint\n",
 }
 
 
@@ -325,6 +325,14 @@ def test_trainers_importing_pretraining_is_reported(tmp_path):
     assert check_layers(root, PACKAGE, RULES) == [
         "nnunet_smit/trainers/schedule.py:1 imports nnunet_smit.pretraining.schedules"
         " (trainers must not import pretraining)"
+    ]
+
+
+def test_the_study_importing_pretraining_is_reported(tmp_path):
+    root = _package(tmp_path, study__arms="import nnunet_smit.trainers.trainer\nimport nnunet_smit.pretraining.cli\n")
+    assert check_layers(root, PACKAGE, RULES) == [
+        "nnunet_smit/study/arms.py:2 imports nnunet_smit.pretraining.cli (the study judges encoders through their "
+        "checkpoints and the trainers, never pretraining's code)"
     ]
 
 
