@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -142,6 +144,37 @@ def barrier(info: DistInfo) -> None:
     """Wait for every process (a no-op for one process)."""
     if info.distributed:
         dist.barrier()
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM ask the processes to stop (``requested`` names the signal) instead of killing
+    this one; a second signal falls back to the behaviour before (a stop while saving). Only the main thread can
+    install handlers; elsewhere nothing is installed."""
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    def request(self, reason: str) -> None:
+        self.requested = reason
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+            self.requested = signal.Signals(signum).name
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        self._previous = {}
 
 
 class StepAgreement:

@@ -12,18 +12,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from nnunet_smit.architectures import SMITConfig
-from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from nnunet_smit.architectures.weight_decay import uses_weight_decay
+from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_encoder_weights
+from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.cache import manifest_fingerprints
 from nnunet_smit.pretraining.config import PretrainConfig
+from nnunet_smit.pretraining.model import SMITPretrainModel
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint_latest.pt"
 STATE_FORMAT = "nnunet_smit.pretrain_state"
@@ -101,6 +108,32 @@ def scans_of_state(state: Dict[str, Any]) -> Dict[str, str]:
     return {**manifest_fingerprints(state.get("manifest") or {}), **(state.get("pretraining_scans") or {})}
 
 
+def decayed_before_the_one_rule(name: str, parameter: nn.Parameter) -> bool:
+    """How versions before the one weight-decay rule grouped pretraining's parameters: the same, except that the
+    relative position tables were decayed."""
+    return not (parameter.ndim <= 1 or name.endswith(".bias") or name == "mask_token")
+
+
+def group_names(module: nn.Module, decays: Callable[[str, nn.Parameter], bool] = uses_weight_decay) -> List[List[str]]:
+    """Names of ``module``'s trainable parameters in the optimizer's two groups (decayed, not decayed) by ``decays``."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return [[n for n, p in named if decays(n, p)], [n for n, p in named if not decays(n, p)]]
+
+
+def optimizer_state_for(saved: Dict[str, Any], student: nn.Module, path: Path) -> Tuple[Dict[str, Any], bool]:
+    """(the saved optimizer state for today's groups of ``student``, whether it had to be regrouped): states written
+    while the relative position tables were still decayed hold them in the decayed group."""
+    sizes = [len(group["params"]) for group in saved["param_groups"]]
+    current = group_names(student)
+    if sizes == [len(names) for names in current]:
+        return saved, False
+    before = group_names(student, decayed_before_the_one_rule)
+    if sizes != [len(names) for names in before]:
+        raise SMITError(f"{path} holds an optimizer for other parameters ({sizes} per group, "
+                        f"{[len(n) for n in current]} here); delete it to start over.")
+    return regroup_optimizer_state(saved, before, current), True
+
+
 def regroup_optimizer_state(
     saved: Dict[str, Any], saved_groups: Sequence[Sequence[str]], current_groups: Sequence[Sequence[str]],
 ) -> Dict[str, Any]:
@@ -137,6 +170,33 @@ def encoder_differences(found: SMITConfig, wanted: SMITConfig) -> List[str]:
     a, b = found.to_dict(), wanted.to_dict()
     return [f"{k} {a.get(k)} instead of {b[k]}" for k in b
             if k not in TRAINING_ONLY_ENCODER_FIELDS and a.get(k) != b[k]]
+
+
+def start_from_init_encoder(
+    model: SMITPretrainModel, config: PretrainConfig, preprocessing: PretrainPreprocessing, is_main: bool,
+) -> Tuple[Dict[str, str], Dict[str, Any]]:
+    """Load ``config.init_encoder`` strictly into the student's encoder and copy it to the teacher's (every process
+    reads the file).
+
+    Returns:
+        (the fingerprints of the scans those weights were pretrained on, what the log's start record keeps of them).
+    """
+    checkpoint = load_init_encoder(config)
+    report = load_encoder_weights(model.student.encoder, checkpoint.state_dict, strict=True)
+    if model.teacher is not None:
+        model.teacher.encoder.load_state_dict(model.student.encoder.state_dict())
+    if is_main:
+        logger.info("student and teacher encoders start from %s (%s, sha256 %s): %s", checkpoint.path,
+                    checkpoint.source, checkpoint.sha256[:16], report.summary())
+        # Files from elsewhere record no preprocessing (the authors' defaults are assumed for them).
+        theirs, ours = checkpoint.preprocessing.to_dict(), preprocessing.to_dict()
+        changed = [f"{k} {theirs[k]} there, {ours[k]} here" for k in ours if theirs.get(k) != ours[k]]
+        if changed and checkpoint.source == "nnunet_smit":
+            logger.warning("the --init_encoder weights were pretrained on differently prepared scans (%s): their "
+                           "filters meet other intensities or scales at first.", "; ".join(changed))
+    record = {"init_encoder": {"path": checkpoint.path, "source": checkpoint.source, "sha256": checkpoint.sha256,
+                               "tensors": report.loaded, "notes": checkpoint.notes}}
+    return dict(checkpoint.pretraining_scans), record
 
 
 def load_init_encoder(config: PretrainConfig) -> EncoderCheckpoint:

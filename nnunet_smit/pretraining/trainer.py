@@ -13,8 +13,6 @@ import contextlib
 import logging
 import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,14 +22,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from nnunet_smit.architectures.weight_decay import split_by_weight_decay, uses_weight_decay
-from nnunet_smit.checkpoint import load_encoder_weights
+from nnunet_smit.architectures.weight_decay import split_by_weight_decay
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError, TrainingDiverged, TrainingInterrupted
 from nnunet_smit.files import atomic_write
 from nnunet_smit.pretraining.cache import manifest_fingerprints
 from nnunet_smit.pretraining.config import PretrainConfig, schedule_warnings
-from nnunet_smit.pretraining.distributed import DistInfo, StepAgreement, gather_objects, select_device
+from nnunet_smit.pretraining.distributed import DistInfo, StepAgreement, StopSignals, gather_objects, select_device
 from nnunet_smit.pretraining.export import Progress, export_encoder
 from nnunet_smit.pretraining.loader import loader_failure, make_loader
 from nnunet_smit.pretraining.model import HeadConfig, SMITPretrainModel
@@ -40,7 +37,7 @@ from nnunet_smit.pretraining.sampler import TwoViewDataset, ViewSampling, Volume
 from nnunet_smit.pretraining.schedules import PretrainSchedules
 from nnunet_smit.pretraining.state import (
     CHECKPOINT_NAME, STATE_FORMAT, STATE_VERSION, capture_rng_state, check_same_settings, json_plain,
-    load_init_encoder, read_state, regroup_optimizer_state, restore_rng_state, scans_of_state,
+    optimizer_state_for, read_state, restore_rng_state, scans_of_state, start_from_init_encoder,
 )
 from nnunet_smit.pretraining.step import StepRunner
 
@@ -94,7 +91,7 @@ class PretrainTrainer:
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
         self.run_log = RunLog(self.output_dir, writes=self.dist.is_main, tensorboard=config.tensorboard)
         self.agree = StepAgreement(self.dist)
-        self._stop_signal: Optional[str] = None
+        self.stop_signals = StopSignals()
         self._last_checkpoint_time = time.monotonic()
         self._last_saved_step: Optional[int] = None  # the step checkpoint_latest.pt holds
         self._finite_at_step: Optional[int] = None  # the last step whose weights check_diverged found finite
@@ -154,11 +151,6 @@ class PretrainTrainer:
             {"params": decay, "weight_decay": self.config.weight_decay, "apply_wd": True},
             {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
         ]
-
-    def _group_names(self, decays: Any = uses_weight_decay) -> List[List[str]]:
-        """Names of the student's trainable parameters per group, for a rule ``decays(name, parameter)``."""
-        named = [(n, p) for n, p in self.model.student.named_parameters() if p.requires_grad]
-        return [[n for n, p in named if decays(n, p)], [n for n, p in named if not decays(n, p)]]
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         # On a GPU the fused kernel updates every parameter in a few launches (the step is launch-bound there).
@@ -327,7 +319,11 @@ class PretrainTrainer:
         self._adopt_epoch_of_checkpoint(state)
         self.scan_fingerprints = {**scans_of_state(state), **self.scan_fingerprints}
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(self._optimizer_state_of(state["optimizer"]))
+        optimizer_state, regrouped = optimizer_state_for(state["optimizer"], self.model.student, self.checkpoint_path)
+        if regrouped and self.dist.is_main:
+            logger.info("the saved state decayed the relative position tables; from now on they are not decayed, as "
+                        "in fine-tuning.")
+        self.optimizer.load_state_dict(optimizer_state)
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self._last_saved_step = self.step
@@ -335,26 +331,6 @@ class PretrainTrainer:
         restore_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0], self.device)
         logger.info("resumed from %s at step %d (epoch %d)", self.checkpoint_path, self.step, state["epoch"])
         return True
-
-    def _optimizer_state_of(self, saved: Dict[str, Any]) -> Dict[str, Any]:
-        """The saved optimizer state for today's groups: states written while the relative position tables were
-        still decayed in pretraining (before the one weight-decay rule) have them in the decayed group."""
-        sizes = [len(group["params"]) for group in saved["param_groups"]]
-        current = self._group_names()
-        if sizes == [len(names) for names in current]:
-            return saved
-
-        def decayed_before(name: str, parameter: torch.nn.Parameter) -> bool:
-            return not (parameter.ndim <= 1 or name.endswith(".bias") or name == "mask_token")
-
-        before = self._group_names(decayed_before)
-        if sizes != [len(names) for names in before]:
-            raise SMITError(f"{self.checkpoint_path} holds an optimizer for other parameters ({sizes} per group, "
-                            f"{[len(n) for n in current]} here); delete it to start over.")
-        if self.dist.is_main:
-            logger.info("the saved state decayed the relative position tables; from now on they are not decayed, as "
-                        "in fine-tuning.")
-        return regroup_optimizer_state(saved, before, current)
 
     def _adopt_epoch_of_checkpoint(self, state: Dict[str, Any]) -> None:
         """When the cache's scans changed since the run started (scans added to or removed from the folders), keep
@@ -374,50 +350,16 @@ class PretrainTrainer:
             logger.warning("%s.", message)
 
     def _start_from_init_encoder(self) -> Dict[str, Any]:
-        """Load ``init_encoder`` strictly into the student's encoder and copy it to the teacher's (every process
-        reads the file); returns what the start record of the log keeps of it."""
-        checkpoint = load_init_encoder(self.config)
-        report = load_encoder_weights(self.model.student.encoder, checkpoint.state_dict, strict=True)
-        if self.model.teacher is not None:
-            self.model.teacher.encoder.load_state_dict(self.model.student.encoder.state_dict())
-        # The starting weights have seen their own pretraining scans: held-out cases are checked against those too.
-        self.scan_fingerprints = {**checkpoint.pretraining_scans, **self.scan_fingerprints}
-        if self.dist.is_main:
-            logger.info("student and teacher encoders start from %s (%s, sha256 %s): %s", checkpoint.path,
-                        checkpoint.source, checkpoint.sha256[:16], report.summary())
-            # Files from elsewhere record no preprocessing (the authors' defaults are assumed for them).
-            theirs, ours = checkpoint.preprocessing.to_dict(), self.preprocessing.to_dict()
-            changed = [f"{k} {theirs[k]} there, {ours[k]} here" for k in ours if theirs.get(k) != ours[k]]
-            if changed and checkpoint.source == "nnunet_smit":
-                logger.warning("the --init_encoder weights were pretrained on differently prepared scans (%s): their "
-                               "filters meet other intensities or scales at first.", "; ".join(changed))
-        return {"init_encoder": {"path": checkpoint.path, "source": checkpoint.source, "sha256": checkpoint.sha256,
-                                 "tensors": report.loaded, "notes": checkpoint.notes}}
+        """Both encoders from ``init_encoder``; the scans those weights have seen count as seen by this run's too (so
+        held-out cases are checked against them). Returns what the log's start record keeps."""
+        seen, record = start_from_init_encoder(self.model, self.config, self.preprocessing, self.dist.is_main)
+        self.scan_fingerprints = {**seen, **self.scan_fingerprints}
+        return record
 
-    # ------------------------------------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> Dict[int, Any]:
-        previous: Dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return previous
-
-        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-            self._stop_signal = signal.Signals(signum).name
-            # A second signal while saving falls back to the default behaviour.
-            signal.signal(signum, previous.get(signum, signal.SIG_DFL))
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: Dict[int, Any]) -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
+    # ------------------------------------------------------------------------------------------------ stopping
     def request_stop(self, reason: str = "request") -> None:
         """Ask the loop to save and stop after the current step (what SIGINT/SIGTERM do)."""
-        self._stop_signal = reason
+        self.stop_signals.request(reason)
 
     # ------------------------------------------------------------------------------------------------ the step
     def _apply_schedules(self) -> Dict[str, float]:
@@ -511,21 +453,20 @@ class PretrainTrainer:
 
     def _train_with_handlers(self) -> None:
         """The loop, with SIGINT/SIGTERM turned into a saved stop and deterministic algorithms if asked for."""
-        previous = self._install_signal_handlers()
         deterministic_before = torch.are_deterministic_algorithms_enabled()
         try:
-            if self.config.deterministic:
-                torch.use_deterministic_algorithms(True)
-            try:
-                self._train_loop()
-            except (RuntimeError, SMITError) as error:
-                failure = loader_failure(error, self.step, self._kept_state())
-                if failure is not None:
-                    raise failure from None
-                raise
+            with self.stop_signals:
+                if self.config.deterministic:
+                    torch.use_deterministic_algorithms(True)
+                try:
+                    self._train_loop()
+                except (RuntimeError, SMITError) as error:
+                    failure = loader_failure(error, self.step, self._kept_state())
+                    if failure is not None:
+                        raise failure from None
+                    raise
         finally:
             torch.use_deterministic_algorithms(deterministic_before)
-            self._restore_signal_handlers(previous)
 
     def _config_record(self) -> Dict[str, Any]:
         return {
@@ -595,13 +536,14 @@ class PretrainTrainer:
         step_due = bool(config.checkpoint_every_steps and self.step % config.checkpoint_every_steps == 0)
         minutes = config.checkpoint_every_minutes
         clock_due = bool(minutes and time.monotonic() - self._last_checkpoint_time > 60.0 * minutes)
-        stop, due = self.agree(self._stop_signal is not None, step_due or clock_due or epoch_end)
+        stop, due = self.agree(self.stop_signals.requested is not None, step_due or clock_due or epoch_end)
         if stop or last or due:
             self.save_checkpoint()
         if stop:
             self.run_log.write({"event": "interrupted", "step": self.step})
             raise TrainingInterrupted(
-                f"pretraining interrupted ({self._stop_signal or 'signal on another process'}) at step {self.step}; "
+                f"pretraining interrupted ({self.stop_signals.requested or 'signal on another process'}) at step "
+                f"{self.step}; "
                 f"state saved to {self.checkpoint_path}; rerun the same command to resume.",
                 self.checkpoint_path,
             )

@@ -48,3 +48,24 @@ def test_a_multi_node_run_whose_gloo_groups_would_bind_to_loopback_is_refused(mo
     message = str(error.value)
     assert "\n" not in message and "'node07'" in message and "GLOO_SOCKET_IFNAME" in message
     assert (f"loopback address {resolved}" if resolved else "does not resolve") in message
+
+
+def test_a_signal_asks_for_a_stop_and_a_second_one_reaches_the_handler_before():
+    import signal
+
+    from nnunet_smit.pretraining.distributed import StopSignals
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with StopSignals() as stop:
+            assert stop.requested is None
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.requested == "SIGTERM" and seen == []
+            signal.raise_signal(signal.SIGTERM)  # while saving: the handler from before runs
+            assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        signal.raise_signal(signal.SIGTERM)
+        assert seen == [signal.SIGTERM] * 2
+    finally:
+        signal.signal(signal.SIGTERM, before)

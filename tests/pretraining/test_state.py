@@ -7,7 +7,7 @@ import torch
 
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.state import (
-    CHECKPOINT_NAME, capture_rng_state, read_state, regroup_optimizer_state, restore_rng_state,
+    CHECKPOINT_NAME, capture_rng_state, group_names, read_state, regroup_optimizer_state, restore_rng_state,
 )
 from nnunet_smit.pretraining.trainer import PretrainTrainer
 from tests.pretraining.training_support import phantom_cache, tiny_config
@@ -45,8 +45,8 @@ def test_a_state_saved_with_the_earlier_weight_decay_groups_resumes_with_every_m
     PretrainTrainer(tiny_config(max_steps=2), cache, tmp_path).fit()
     state = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     reference = PretrainTrainer(tiny_config(max_steps=2), cache, tmp_path)
-    current = reference._group_names()
-    earlier = reference._group_names(_earlier_rule_decays)
+    current = group_names(reference.model.student)
+    earlier = group_names(reference.model.student, _earlier_rule_decays)
     assert [len(g) for g in earlier] != [len(g) for g in current]  # the tables moved between the groups
     # Parameters without a gradient (the stage norms) have no moments.
     moments = {name: state["optimizer"]["state"][i]["exp_avg"]
@@ -60,13 +60,13 @@ def test_a_state_saved_with_the_earlier_weight_decay_groups_resumes_with_every_m
     resumed = PretrainTrainer(tiny_config(max_steps=3), cache, tmp_path)
     assert resumed.load_checkpoint() and resumed.step == 2
     loaded = resumed.optimizer.state_dict()
-    names = [n for group in resumed._group_names() for n in group]
+    names = [n for group in group_names(resumed.model.student) for n in group]
     assert {names[i] for i in loaded["state"]} == set(moments)
     for index, name in enumerate(names):
         if name in moments:
             assert torch.equal(loaded["state"][index]["exp_avg"], moments[name]), name
     tables = [i for i, n in enumerate(names) if n.endswith("relative_position_bias_table")]
-    assert tables and all(i >= len(resumed._group_names()[0]) for i in tables)  # now in the group without decay
+    assert tables and all(i >= len(group_names(resumed.model.student)[0]) for i in tables)  # now in the group without decay
     assert resumed.fit().is_file() and resumed.step == 3
 
 
