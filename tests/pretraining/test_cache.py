@@ -277,13 +277,18 @@ def test_corrupt_values_and_implausible_spacing_are_skipped_with_their_reason(tm
     assert not list((tmp_path / "cache" / "cases").glob("coarse*.b2nd"))
 
 
+def _scans_and_a_killer(raw, n):
+    """``n`` small CT scans ct_<i>.nii.gz and one named killer.nii.gz in ``raw``."""
+    for i in range(n):
+        write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
+    write_image(raw / "killer.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    return raw
+
+
 def test_a_scan_that_kills_its_worker_is_reported_and_the_others_are_cached(tmp_path, monkeypatch):
     from tests.pretraining.cache_crash_support import die_on_scans_named_killer
 
-    raw = tmp_path / "raw"
-    for i in range(5):
-        write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
-    write_image(raw / "killer.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    raw = _scans_and_a_killer(tmp_path / "raw", 5)
     monkeypatch.setattr(cache_module, "_process_source", die_on_scans_named_killer)
     index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
     assert sorted(Path(index.case(c)["source"]).name for c in index.case_ids) == [f"ct_{i}.nii.gz" for i in range(5)]
@@ -389,10 +394,7 @@ def test_a_build_leaves_no_temporary_file_and_removes_those_a_killed_build_left(
 def test_a_worker_killed_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
     from tests.pretraining.cache_crash_support import die_while_writing_scans_named_killer
 
-    raw = tmp_path / "raw"
-    for i in range(2):
-        write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
-    write_image(raw / "killer.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    raw = _scans_and_a_killer(tmp_path / "raw", 2)
     # No public input kills a worker half-way through a write: the preprocessing is replaced by one that does.
     monkeypatch.setattr(cache_module, "_process_source", die_while_writing_scans_named_killer)
     index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
