@@ -29,7 +29,9 @@ Layout of a cache folder::
     manifest.json   settings (preprocessing, pipeline) and the usable cases
     skipped.json    [{"path", "reason"}] for every file or series not used
     cases/<id>.b2nd the preprocessed array (z, y, x), float16
-    cases/<id>.json the case record; written last, so it marks the case as done
+    cases/<id>.json the case record; written last, so it marks the case as done; a usable case's record holds
+                    the size and sha256 of its array file (``file_size``, ``file_sha256``)
+    .build.lock     held by the build in progress (:class:`nnunet_smit.files.FolderLock`)
 
 Every record of a scan that could be read holds its ``fingerprint`` (:mod:`nnunet_smit.fingerprints`, of the array as
 read, before preprocessing); the exported encoder carries those of the usable cases. A finished record written before
@@ -40,12 +42,22 @@ Every file is written with :func:`nnunet_smit.files.atomic_write` (a temporary f
 renamed into place); a killed build leaves only temporary files, which the next build removes (also the ``.tmp-*``
 ones of earlier versions), and it recomputes only cases without a record.
 SIGINT or SIGTERM stops a build (:class:`CacheBuildInterrupted`): no new scan is started, and the scans being
-preprocessed are finished unless the workers got the signal too (or a second one comes). One build per cache folder
-at a time.
+preprocessed are finished unless the workers got the signal too (or a second one comes).
+
+One build per cache folder at a time: a build holds the folder's lock, and a second one (another run sharing
+``--cache_dir``) waits for it, then finds those scans cached. Runs that only read use the manifest, which lists
+finished cases only and is replaced whole at the end of a build.
+
+A cache heals: every build compares each usable case's file size with its record (a stat per case), and with
+``verify=True`` (``--verify_cache``) its sha256 too; a file that fails is preprocessed again from its scan (one warning
+line per scan), or reported in ``skipped.json`` when its scan can no longer be read. Records of earlier versions get
+their size and checksum at the next build. :meth:`CacheIndex.load` checks the size again and refuses values that are
+not finite numbers, so the sampler replaces such a scan instead of feeding it to the model.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -64,7 +76,7 @@ import SimpleITK as sitk
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
-from nnunet_smit.files import atomic_write, is_temporary
+from nnunet_smit.files import FolderLock, atomic_write, describe_holder, is_temporary
 from nnunet_smit.fingerprints import fingerprint_array, read_image
 from nnunet_smit.pretraining.discovery import Discovery, Source, discover_sources
 
@@ -95,6 +107,7 @@ PIPELINE: Dict[str, Any] = {
 _MANIFEST = "manifest.json"
 _SKIPPED = "skipped.json"
 _CASES = "cases"
+_BUILD_LOCK = ".build.lock"
 # Temporary files of earlier versions (``.tmp-<pid>-<name>``, running markers ``.tmp-running-<id>``): a cache folder
 # that such a version's killed build left may hold them. This version's are :func:`nnunet_smit.files.is_temporary`.
 _LEGACY_TMP_PREFIX = ".tmp-"
@@ -197,7 +210,8 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _write_array(path: Path, array: np.ndarray, min_shape: Sequence[int], nthreads: int) -> None:
+def _write_array(path: Path, array: np.ndarray, min_shape: Sequence[int], nthreads: int) -> Dict[str, Any]:
+    """Write the array atomically; returns the ``file_size`` and ``file_sha256`` of the file as written."""
     import blosc2
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
 
@@ -205,13 +219,39 @@ def _write_array(path: Path, array: np.ndarray, min_shape: Sequence[int], nthrea
     blocks, chunks = comp_blosc2_params((1, *array.shape), patch, bytes_per_pixel=array.itemsize)
     cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": PIPELINE["storage"]["clevel"],
                "filters": [blosc2.Filter.SHUFFLE], "nthreads": nthreads}
+    written: Dict[str, Any] = {}
 
     def write(tmp: str) -> None:
         # atomic_write has created ``tmp`` (empty); mode "w" makes blosc2 remove it and write a new file there.
         blosc2.asarray(np.ascontiguousarray(array), urlpath=tmp, chunks=tuple(chunks[1:]), blocks=tuple(blocks[1:]),
                        cparams=cparams, mode="w")
+        written.update(file_digest(Path(tmp)))
 
     atomic_write(path, write)
+    return written
+
+
+def file_digest(path: Path) -> Dict[str, Any]:
+    """``file_size`` (bytes) and ``file_sha256`` of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"file_size": path.stat().st_size, "file_sha256": digest.hexdigest()}
+
+
+def file_problem(path: Path, record: Dict[str, Any], verify: bool) -> Optional[str]:
+    """What is wrong with a cached array file against its record (None when nothing): its size always, its
+    checksum with ``verify``. Records without them (earlier versions) are not checked."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        return f"its file cannot be read ({error.strerror})"
+    if "file_size" in record and size != record["file_size"]:
+        return f"its file has {size} bytes, {record['file_size']} were written"
+    if verify and "file_sha256" in record and file_digest(path)["file_sha256"] != record["file_sha256"]:
+        return "its file's sha256 differs from the one recorded when it was written"
+    return None
 
 
 def _is_leftover(name: str) -> bool:
@@ -253,7 +293,7 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
     try:
         array, info = preprocess_ct(hu, spacing, preprocessing)
         del hu
-        _write_array(cases / f"{source.id}.b2nd", array.astype(STORAGE_DTYPE), min_shape, nthreads)
+        written = _write_array(cases / f"{source.id}.b2nd", array.astype(STORAGE_DTYPE), min_shape, nthreads)
     except CaseSkipped as e:
         record.update(status="skipped", reason=str(e))
         _write_json(cases / f"{source.id}.json", record)
@@ -263,7 +303,7 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
         return record
     record.update(status="ok", cached_shape=list(array.shape),
                   cached_spacing_mm=list(preprocessing.target_spacing_mm), file=f"{_CASES}/{source.id}.b2nd",
-                  **info)
+                  **info, **written)
     _write_json(cases / f"{source.id}.json", record)
     return record
 
@@ -325,7 +365,7 @@ class CacheBuildInterrupted(Exception):
 
 def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preprocessing: PretrainPreprocessing,
                 min_shape: Sequence[int] = (96, 96, 96), num_workers: int = 1,
-                progress: bool = False) -> "CacheIndex":
+                progress: bool = False, verify: bool = False) -> "CacheIndex":
     """Find the CT scans under ``sources_dirs`` and preprocess them into ``cache_dir`` (resumably).
 
     Args:
@@ -339,6 +379,8 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
             1 runs in this process. A scan that kills its worker (out of memory) is reported as skipped and
             tried again by the next build; the others are cached.
         progress: show a progress bar.
+        verify: also compare every cached file's sha256 with its record (reads the whole cache); sizes are always
+            compared. A file that fails is preprocessed again.
 
     Returns:
         The :class:`CacheIndex` of the finished cache.
@@ -348,9 +390,31 @@ def build_cache(sources_dirs: Sequence[PathLike], cache_dir: PathLike, preproces
             usable was found.
     """
     source_roots, cache, min_shape = _checked_arguments(sources_dirs, cache_dir, min_shape)
+    with _build_lock(cache):
+        return _build(source_roots, cache, preprocessing, min_shape, num_workers, progress, verify)
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path):
+    """Hold the cache folder's build lock; wait (saying for whom) while another build holds it."""
+    lock = FolderLock(cache / _BUILD_LOCK, f"the cache {cache}")
+
+    def waiting(holder: Dict[str, Any]) -> None:
+        logger.info("cache %s: another build is running (%s); waiting for it to finish", cache, describe_holder(holder))
+
+    lock.acquire(wait=True, on_wait=waiting)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build(source_roots: List[str], cache: Path, preprocessing: PretrainPreprocessing,
+           min_shape: Tuple[int, int, int], num_workers: int, progress: bool, verify: bool) -> "CacheIndex":
+    """:func:`build_cache` while holding the folder's build lock."""
     cases = _open_cache_folder(cache, preprocessing)
     discovery = discover_sources(source_roots, exclude=[cache])
-    records, todo, unfingerprinted = _reuse_cached(cases, discovery.sources)
+    records, todo, unfingerprinted = _reuse_cached(cases, discovery.sources, verify)
     logger.info("cache %s: %d scans found, %d already cached, %d to preprocess", cache, len(discovery.sources),
                 len(records), len(todo))
     try:
@@ -403,15 +467,18 @@ def _open_cache_folder(cache: Path, preprocessing: PretrainPreprocessing) -> Pat
     return cases
 
 
-def _reuse_cached(cases: Path, sources: Sequence[Source]
+def _reuse_cached(cases: Path, sources: Sequence[Source], verify: bool = False
                   ) -> Tuple[Dict[str, Dict[str, Any]], List[Source], List[Source]]:
     """What the cache already holds: ({case id: finished record}, the sources to preprocess, the cached usable ones
-    whose record has no fingerprint yet)."""
+    whose record has no fingerprint yet). A usable case whose file fails :func:`file_problem` is preprocessed
+    again; records of earlier versions get their file's size and checksum."""
     records: Dict[str, Dict[str, Any]] = {}
     todo: List[Source] = []
     unfingerprinted: List[Source] = []
     for source in sources:
         record = _load_record(cases, source.id)
+        if record is not None and record["status"] == "ok":
+            record = _checked_record(cases, source, record, verify)
         if record is None:
             todo.append(source)
         else:
@@ -419,6 +486,21 @@ def _reuse_cached(cases: Path, sources: Sequence[Source]
             if record["status"] == "ok" and "fingerprint" not in record:
                 unfingerprinted.append(source)
     return records, todo, unfingerprinted
+
+
+def _checked_record(cases: Path, source: Source, record: Dict[str, Any], verify: bool) -> Optional[Dict[str, Any]]:
+    """The usable record, None (with a warning) when its file fails the check, completed with the file's size and
+    checksum when an earlier version wrote it without."""
+    path = cases / f"{source.id}.b2nd"
+    problem = file_problem(path, record, verify)
+    if problem is not None:
+        logger.warning("cached scan %s (%s): %s; preprocessing it again from its scan.", source.id, source.location,
+                       problem)
+        return None
+    if "file_size" not in record:
+        record.update(file_digest(path))
+        _write_json(cases / f"{source.id}.json", record)
+    return record
 
 
 def _fingerprint_old_records(sources: List[Source], cases: Path, preprocessing: PretrainPreprocessing,
@@ -709,15 +791,23 @@ class CacheIndex:
         """Cached array (z, y, x) as float32 in ``preprocessing.scaled_range``; ``region`` reads only a box.
 
         Opens the file on every call (memory-mapped, one decompression thread), so it is safe in any process.
+        Raises SMITError when the file's size is not the one recorded or it decodes into non-finite values.
         """
         import blosc2
         import torch
 
-        array = blosc2.open(str(self.path(case_id)), mode="r", mmap_mode="r", dparams={"nthreads": 1})
+        path = self.path(case_id)
+        problem = file_problem(path, self.case(case_id), verify=False)
+        if problem is not None:
+            raise SMITError(f"cached scan {case_id}: {problem}")
+        array = blosc2.open(str(path), mode="r", mmap_mode="r", dparams={"nthreads": 1})
         data = np.ascontiguousarray(array[region if region is not None else ...])
         if data.dtype == np.float16:  # the same values as numpy's conversion, about 3.7x faster (vectorised)
-            return torch.from_numpy(data).float().numpy()
-        return data.astype(np.float32, copy=False)
+            data = torch.from_numpy(data).float().numpy()
+        data = data.astype(np.float32, copy=False)
+        if not np.isfinite(data).all():  # a damaged file can decode into anything: never hand that to the model
+            raise SMITError(f"cached scan {case_id}: its file holds values that are not finite numbers")
+        return data
 
     def scan_fingerprints(self) -> Dict[str, str]:
         """{fingerprint: case id} of the usable cases (those the cache could fingerprint)."""

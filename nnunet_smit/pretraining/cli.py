@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache_dir", help="preprocessed cache folder (default OUT/cache); reusable across runs")
     parser.add_argument("--cache_workers", type=int, help="processes building the cache")
     parser.add_argument("--cache_only", action="store_true", help="build the cache and stop (before a multi-node job)")
+    parser.add_argument("--verify_cache", action="store_true",
+                        help="compare every cached file's sha256 with the one recorded when it was written and "
+                             "preprocess again those that differ (reads the whole cache; sizes are always compared)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help=f"autocast: auto = bf16 on GPUs that support it, fp32 on CPU (default {_d('precision')})")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute blocks to save memory")
@@ -184,6 +187,7 @@ def run(args: argparse.Namespace) -> Path:
         preprocessing=preprocessing_from_args(args),
         cache_workers=args.cache_workers,
         cache_only=args.cache_only,
+        verify_cache=args.verify_cache,
     )
 
 

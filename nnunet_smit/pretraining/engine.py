@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError, describe_os_error
+from nnunet_smit.files import FolderBusy, FolderLock, describe_holder
 from nnunet_smit.pretraining.cache import CacheIndex, build_cache
 from nnunet_smit.pretraining.config import DEMO_CASES, PretrainConfig
 from nnunet_smit.pretraining.distributed import init_distributed, launch_rank, leave_process_group, share_outcome
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # Processes building the cache when not set: the CPU count, at most this many.
 MAX_CACHE_WORKERS = 8
+# The lock rank 0 holds on the run folder for the whole run (nnunet_smit.files.FolderLock).
+RUN_LOCK_NAME = ".smit_pretrain.lock"
 
 
 def input_folders(data: Sequence[Path], output_dir: Path, demo: bool = False) -> List[Path]:
@@ -59,6 +62,7 @@ def run_pretraining(
     preprocessing: Optional[PretrainPreprocessing] = None,
     cache_workers: Optional[int] = None,
     cache_only: bool = False,
+    verify_cache: bool = False,
 ) -> Path:
     """Build or open the cache, pretrain, export; what ``smit_pretrain`` runs on every process.
 
@@ -70,6 +74,7 @@ def run_pretraining(
         preprocessing: spacing/HU window of the cache (authors' defaults if None).
         cache_workers: processes building the cache (default: CPU count, at most 8).
         cache_only: build the cache and return its folder without training.
+        verify_cache: compare every cached file's checksum with its record (sizes are always compared).
 
     Returns:
         the exported encoder checkpoint's path (or the cache folder with ``cache_only``).
@@ -78,9 +83,12 @@ def run_pretraining(
     cache_dir = Path(cache_dir) if cache_dir is not None else output_dir / "cache"
     preprocessing = preprocessing or PretrainPreprocessing()
     info = init_distributed(config.device)
+    # One run per output folder: rank 0 holds the lock until the run ends (a resubmitted job, a scheduler's retry
+    # or a second terminal on the same folder is refused at once).
+    run_lock = FolderLock(output_dir / RUN_LOCK_NAME, f"the run folder {output_dir}") if info.is_main else None
     try:
-        error = _prepare_on_rank_zero(sources, output_dir, config, cache_dir, preprocessing, cache_workers) \
-            if info.is_main else None
+        error = _prepare_on_rank_zero(sources, output_dir, config, cache_dir, preprocessing, cache_workers,
+                                      run_lock, verify_cache) if run_lock is not None else None
         error = share_outcome(error)
         if error is not None:
             raise SMITError(error)
@@ -91,14 +99,17 @@ def run_pretraining(
         trainer = PretrainTrainer(config, cache, output_dir, info, data_summary=data_summary, manifest=cache.manifest)
         return trainer.fit()
     finally:
+        if run_lock is not None:
+            run_lock.release()
         leave_process_group(info)
 
 
 def _prepare_on_rank_zero(
     sources: Sequence[Path], output_dir: Path, config: PretrainConfig, cache_dir: Path,
-    preprocessing: PretrainPreprocessing, cache_workers: Optional[int],
+    preprocessing: PretrainPreprocessing, cache_workers: Optional[int], run_lock: FolderLock, verify_cache: bool,
 ) -> Optional[str]:
-    """Check what can be checked before hours of cache building, then build the cache; the error's line, if any."""
+    """Check what can be checked before hours of cache building, take the run folder's lock, then build the cache;
+    the error's line, if any."""
     workers = cache_workers if cache_workers is not None else min(os.cpu_count() or 1, MAX_CACHE_WORKERS)
     try:
         if config.tensorboard:
@@ -106,10 +117,23 @@ def _prepare_on_rank_zero(
         if config.init_encoder and not (output_dir / CHECKPOINT_NAME).exists():
             load_init_encoder(config)
         output_dir.mkdir(parents=True, exist_ok=True)
+        _lock_run_folder(run_lock)
         build_cache([Path(s) for s in sources], cache_dir, preprocessing, min_shape=(config.view_size,) * 3,
-                    num_workers=workers, progress=config.progress)
+                    num_workers=workers, progress=config.progress, verify=verify_cache)
     except SMITError as failure:
         return str(failure)
     except OSError as failure:  # a folder that cannot be made or written (a file in the path, a full disk)
         return describe_os_error(failure)
     return None
+
+
+def _lock_run_folder(run_lock: FolderLock) -> None:
+    """Take the run folder's lock, or one line naming the process that holds it."""
+    try:
+        run_lock.acquire()
+    except FolderBusy as busy:
+        raise SMITError(f"{busy}; wait for that run to end (a resubmitted or retried job of the same run waits for "
+                        "its first instance), or choose another output folder (-o).") from None
+    if run_lock.previous:
+        logger.warning("%s was last held by %s, which ended without releasing it (killed?); this run takes over.",
+                       run_lock.what, describe_holder(run_lock.previous))

@@ -356,9 +356,9 @@ def cache_files(cache_dir: Path) -> list:
 
 
 def finished_cache_files(index: CacheIndex) -> list:
-    """The files of a finished cache where every scan found is usable: the manifest, the skipped report, and an array
-    and a record per case."""
-    return sorted(["manifest.json", "skipped.json"]
+    """The files of a finished cache where every scan found is usable: the manifest, the skipped report, the build
+    lock (empty once released), and an array and a record per case."""
+    return sorted([".build.lock", "manifest.json", "skipped.json"]
                   + [f"cases/{case_id}.{ext}" for case_id in index.case_ids for ext in ("b2nd", "json")])
 
 
@@ -401,3 +401,105 @@ def test_a_worker_killed_while_writing_leaves_no_temporary_file(tmp_path, monkey
     assert index.skipped == [(str(raw / "killer.nii.gz"),
                               "the process preprocessing it died, even alone (out of memory?)")]
     assert cache_files(tmp_path / "cache") == finished_cache_files(index)
+
+
+def _three_scans(raw):
+    for i in range(3):
+        write_image(raw / f"ct_{i}.nii.gz", body_volume((20 + 2 * i, 40, 40)), (2.0, 1.0, 1.0))
+    return raw
+
+
+def test_every_cached_file_has_its_size_and_checksum_in_its_record(tmp_path):
+    index = build_cache([_three_scans(tmp_path / "raw")], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    for case_id in index.case_ids:
+        record = json.loads((tmp_path / "cache" / "cases" / f"{case_id}.json").read_text())
+        assert record["file_size"] == index.path(case_id).stat().st_size
+        assert record["file_sha256"] == cache_module.file_digest(index.path(case_id))["file_sha256"]
+        assert index.case(case_id)["file_size"] == record["file_size"]  # the manifest's copy
+
+
+def test_a_truncated_cache_file_is_rebuilt_at_the_next_build_with_one_warning(tmp_path, caplog):
+    raw = _three_scans(tmp_path / "raw")
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    damaged = index.case_ids[1]
+    original = index.load(damaged)
+    data = index.path(damaged).read_bytes()
+    index.path(damaged).write_bytes(data[: len(data) // 2])
+    with pytest.raises(SMITError, match=f"cached scan {damaged}: its file has {len(data) // 2} bytes, {len(data)} were"):
+        index.load(damaged)  # the sampler replaces such a scan by the next one, with a warning
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.cache"):
+        healed = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"cached scan {damaged} (") and "preprocessing it again" in \
+        warnings[0]
+    assert np.array_equal(healed.load(damaged), original)
+
+
+def test_a_changed_byte_is_found_by_verify_and_rebuilt(tmp_path, caplog):
+    raw = _three_scans(tmp_path / "raw")
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    damaged = index.case_ids[0]
+    original = index.load(damaged)
+    data = bytearray(index.path(damaged).read_bytes())
+    data[-100] ^= 0xFF  # same size: only the checksum tells
+    index.path(damaged).write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining.cache"):
+        build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]  # sizes only by default
+        healed = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE, verify=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "sha256 differs from the one recorded" in warnings[0]
+    assert np.array_equal(healed.load(damaged), original)
+
+
+def test_a_damaged_file_whose_scan_is_unreadable_now_is_reported_as_skipped(tmp_path):
+    raw = _three_scans(tmp_path / "raw")
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    damaged = index.case_ids[2]
+    source = Path(index.case(damaged)["source"])
+    index.path(damaged).write_bytes(b"damaged")
+    source.write_bytes(b"no longer a scan")
+    healed = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    assert damaged not in healed.case_ids and len(healed.case_ids) == 2
+    assert [path for path, _ in healed.skipped] == [str(source)]
+
+
+def test_a_cache_file_of_non_finite_values_is_never_handed_out(tmp_path):
+    index = build_cache([_three_scans(tmp_path / "raw")], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    case_id = index.case_ids[0]
+    bad = np.full(index.shape(case_id), np.nan, dtype=np.float16)
+    cache_module._write_array(index.path(case_id), bad, MIN_SHAPE, 1)  # same shape, other content
+    record = dict(index.case(case_id), file_size=index.path(case_id).stat().st_size)
+    index._cases[case_id] = record  # the size matches: only the values tell
+    with pytest.raises(SMITError, match="holds values that are not finite numbers"):
+        index.load(case_id)
+
+
+def test_records_of_earlier_versions_get_their_size_and_checksum(tmp_path):
+    raw = _three_scans(tmp_path / "raw")
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    record_path = tmp_path / "cache" / "cases" / f"{index.case_ids[0]}.json"
+    record = json.loads(record_path.read_text())
+    expected = {k: record.pop(k) for k in ("file_size", "file_sha256")}
+    record_path.write_text(json.dumps(record))
+    build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    assert {k: json.loads(record_path.read_text())[k] for k in expected} == expected
+
+
+def test_a_second_build_of_the_same_cache_waits_for_the_first(tmp_path, caplog):
+    from nnunet_smit.files import FolderLock
+
+    raw = _three_scans(tmp_path / "raw")
+    first = FolderLock(tmp_path / "cache" / ".build.lock", "the cache")
+    first.acquire()  # a build in progress, as far as the folder can tell
+    done = []
+    with caplog.at_level("INFO", logger="nnunet_smit.pretraining.cache"):
+        second = threading.Thread(target=lambda: done.append(
+            build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)))
+        second.start()
+        time.sleep(1.0)
+        assert second.is_alive() and not done and not (tmp_path / "cache" / "manifest.json").exists()
+        first.release()
+        second.join(120)
+    assert len(done[0].case_ids) == 3
+    assert "another build is running (pid" in caplog.text and "waiting for it to finish" in caplog.text

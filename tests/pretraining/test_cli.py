@@ -61,6 +61,45 @@ def test_max_steps_exports_and_prints_the_path_last(tmp_path_factory, tmp_path):
     assert summary["steps"] == 4 and summary["finished"] is False
 
 
+HOLD_RUN_FOLDER = """
+import sys, time
+from nnunet_smit.files import FolderLock
+FolderLock(sys.argv[1], "the run folder").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_at_once_naming_the_holder(tmp_path_factory, tmp_path, capsys,
+                                                                            caplog):
+    import socket
+
+    from nnunet_smit.pretraining.engine import RUN_LOCK_NAME
+
+    data, cache = phantom_dirs(tmp_path_factory)
+    out = tmp_path / "run"
+    # The first run, as far as the folder can tell: a live process holding its lock.
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_FOLDER, str(out / RUN_LOCK_NAME)],
+                              stdout=subprocess.PIPE, text=True, env=_env())
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        code = main(["-d", str(data), "-o", str(out), "--cache_dir", str(cache), "--cache_only", *TINY_ARGS])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: the run folder {out} is in use by pid {holder.pid} on host "
+                              f"{socket.gethostname()}, since ")
+        assert "wait for that run to end" in err and "choose another output folder (-o)" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed (SIGKILL): the lock died with it, and the next run takes over with a warning.
+    with caplog.at_level("WARNING", logger="nnunet_smit.pretraining"):
+        code = main(["-d", str(data), "-o", str(out), "--cache_dir", str(cache), "--cache_only", *TINY_ARGS])
+    assert code == 0
+    assert f"was last held by pid {holder.pid}" in caplog.text and "this run takes over" in caplog.text
+    assert (out / RUN_LOCK_NAME).read_text() == ""  # released at the end
+
+
 def test_centering_option_reaches_the_config():
     parser = build_parser()
     assert config_from_args(parser.parse_args(["-o", "x", "--centering", "sinkhorn_knopp"])).centering == "sinkhorn_knopp"
