@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "nnunet_smit.encoder"
 FORMAT_VERSION = 1
+# smit_pretrain's resumable state (checkpoint_latest.pt, nnunet_smit.pretraining.state): readable as an encoder too.
+PRETRAIN_STATE_FORMAT = "nnunet_smit.pretrain_state"
+PRETRAIN_STATE_NAME = "checkpoint_latest.pt"
+# What a smit_pretrain run folder stands for, in this order: its export, then (a run still going) its state.
+RUN_FOLDER_FILES = ("smit_encoder_teacher.pt", "smit_encoder_student.pt", PRETRAIN_STATE_NAME)
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
@@ -112,7 +117,8 @@ class EncoderCheckpoint:
         patch_size: pretraining crop size (D, H, W).
         summary: data and training summary written by pretraining.
         sha256: hash of ``state_dict`` (verified for this package's files).
-        source: ``"nnunet_smit"``, ``"official_pretrain"``, ``"official_finetune"`` or ``"monai_swinvit"``.
+        source: ``"nnunet_smit"``, ``"nnunet_smit_state"`` (the teacher of a pretraining run's
+            ``checkpoint_latest.pt``), ``"official_pretrain"``, ``"official_finetune"`` or ``"monai_swinvit"``.
         notes: what a conversion dropped or changed.
         pretraining_scans: {fingerprint: scan name} of every scan the weights were pretrained on
             (:mod:`nnunet_smit.fingerprints`). Empty when the file records none: foreign weights (the authors',
@@ -148,11 +154,35 @@ def _read_file(path: Path) -> Any:
         return tensors
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for a bad or unsafe file; its text suggests unsafe loading
+    except Exception as error:  # torch raises many types for a bad or unsafe file
+        if "weights only load failed" in str(error).lower():
+            raise CheckpointError(
+                f"{path} cannot be read as a weights-only torch checkpoint: it holds Python objects that would need "
+                "code to load (refused; convert it where it was made)."
+            ) from None
         raise CheckpointError(
-            f"{path} cannot be read as a weights-only torch checkpoint: it is not a weights file, or it holds "
-            "Python objects that would need code to load (refused; convert it where it was made)."
+            f"{path} cannot be read as a torch checkpoint ({_first_line(error)}): a truncated or damaged copy, or not "
+            "a weights file; copy it again."
         ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
+def resolve_weights_path(path: PathLike) -> Path:
+    """A file as it is; a ``smit_pretrain`` run folder as its export or, while the run goes on, its
+    ``checkpoint_latest.pt`` (:data:`RUN_FOLDER_FILES`, in that order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in RUN_FOLDER_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(
+        f"{path} is a folder without an encoder checkpoint ({', '.join(RUN_FOLDER_FILES)}); point at a checkpoint "
+        "file, or at a smit_pretrain output folder."
+    )
 
 
 def _tensor_dict(obj: Any) -> Optional[StateDict]:
@@ -208,8 +238,10 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
     complete fine-tuning network, and MONAI SwinUNETR / ``model_swinvit.pt`` weights. Raises
     :class:`CheckpointError` for unreadable or unknown files and for a sha256 mismatch.
     """
-    path = Path(path)
+    path = resolve_weights_path(path)
     obj = _read_file(path)
+    if isinstance(obj, Mapping) and obj.get("format") == PRETRAIN_STATE_FORMAT:
+        return _from_pretraining_state(obj, path)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
         if int(obj.get("format_version", 0)) > FORMAT_VERSION:
             raise CheckpointError(
@@ -243,6 +275,11 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
     if sd is None:
         raise CheckpointError(f"{path} holds no tensor dictionary that could be encoder weights.")
     conversion = convert_state_dict(sd)
+    notes = conversion.notes()
+    if path.suffix == ".safetensors" and conversion.source == "official_pretrain":
+        notes.append("no nnunet_smit metadata in this safetensors file: read as the authors' encoder (their window "
+                     "order, default preprocessing); for an encoder exported by nnunet_smit use its .pt export or "
+                     "smit_convert's output, which carry the metadata")
     return EncoderCheckpoint(
         state_dict=conversion.state_dict,
         config=conversion.config,
@@ -252,7 +289,33 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
         sha256=state_dict_sha256(conversion.state_dict),
         source=conversion.source,
         path=str(path),
-        notes=conversion.notes(),
+        notes=notes,
+    )
+
+
+def _from_pretraining_state(state: Mapping[str, Any], path: Path) -> EncoderCheckpoint:
+    """The encoder of a pretraining run's ``checkpoint_latest.pt``: the teacher's (the student's when the run has
+    no teacher), with the run's architecture, preprocessing, view size and scan fingerprints."""
+    model = _tensor_dict(state.get("model")) or {}
+    side = "teacher" if any(k.startswith("teacher.encoder.") for k in model) else "student"
+    state_dict, _ = select_prefix(model, f"{side}.encoder.")
+    if not state_dict or "encoder_config" not in state:
+        raise CheckpointError(f"{path} is a pretraining state without encoder weights or architecture (damaged?).")
+    step, finished = state.get("step"), bool(state.get("finished"))
+    scans = state.get("pretraining_scans") or {}
+    view = int((state.get("config") or {}).get("view_size", 96))
+    return EncoderCheckpoint(
+        state_dict=state_dict,
+        config=SMITConfig.from_dict(state["encoder_config"]),
+        preprocessing=PretrainPreprocessing.from_dict(state.get("preprocessing", {})),
+        patch_size=(view, view, view),
+        summary={"from_pretraining_state": {"step": step, "finished": finished, "encoder": side}},
+        sha256=state_dict_sha256(state_dict),
+        source="nnunet_smit_state",
+        path=str(path),
+        notes=[f"the {side} encoder of a pretraining state at step {step}"
+               + ("" if finished else " (the run had not finished: its export is written at the end)")],
+        pretraining_scans={str(k): str(v) for k, v in scans.items()} if isinstance(scans, Mapping) else {},
     )
 
 

@@ -1,11 +1,12 @@
-"""``smit_convert SRC -o DST``: turn the authors' or MONAI's weights into an nnunet_smit encoder checkpoint."""
+"""``smit_convert SRC -o DST``: turn the authors' or MONAI's weights (or a pretraining run's ``checkpoint_latest.pt``, or
+its folder) into an nnunet_smit encoder checkpoint."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
 
-from nnunet_smit.errors import SMITError
+from nnunet_smit.errors import SMITError, describe_os_error
 
 
 def convert(src: str, dst: str) -> str:
@@ -19,7 +20,9 @@ def convert(src: str, dst: str) -> str:
     report.adapted.extend(ckpt.notes)
     summary = dict(ckpt.summary)
     summary.setdefault("converted_from", ckpt.source)
-    sha = save_encoder_checkpoint(dst, encoder.state_dict(), ckpt.config, ckpt.preprocessing, ckpt.patch_size, summary)
+    # The fingerprints of the scans the weights have seen travel along (the fine-tuning leakage check reads them).
+    sha = save_encoder_checkpoint(dst, encoder.state_dict(), ckpt.config, ckpt.preprocessing, ckpt.patch_size, summary,
+                                  scan_fingerprints=ckpt.pretraining_scans)
     return (
         f"source layout: {ckpt.source}\n"
         f"architecture: {ckpt.config.to_dict()}\n"
@@ -32,16 +35,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="smit_convert",
         description="Convert SMIT weights (the authors' pretraining output, released pre_train_weight.pt or "
-        "fine-tuning network; MONAI SwinUNETR / model_swinvit.pt; or an nnunet_smit checkpoint) into an "
-        "nnunet_smit encoder checkpoint, and print the load report.",
+        "fine-tuning network; MONAI SwinUNETR / model_swinvit.pt; an nnunet_smit checkpoint, or a smit_pretrain run's "
+        "checkpoint_latest.pt or folder) into an nnunet_smit encoder checkpoint, and print the load report.",
     )
-    parser.add_argument("src", help="weights file to convert")
+    parser.add_argument("src", help="weights file to convert, or a smit_pretrain output folder")
     parser.add_argument("-o", "--output", required=True, help="output checkpoint (.pt, or .safetensors)")
     args = parser.parse_args(argv)
     try:
         print(convert(args.src, args.output))
     except SMITError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output cannot be written (a missing folder's parent is made; a full disk is not)
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -176,3 +176,39 @@ def test_official_finetune_key_layout_builds_full_network(reference_dir):
     assert net.config == SMITConfig.preset("smit_small").replace(drop_path_rate=net.config.drop_path_rate)
     assert net.decoder.out.conv.conv.out_channels == 14
     assert torch.equal(net.decoder.encoder10.layer.conv1.conv.weight, sd["encoder10.layer.conv1.conv.weight"])
+
+
+def test_a_folder_without_a_checkpoint_is_one_line(tmp_path):
+    from nnunet_smit.checkpoint import load_encoder_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"is a folder without an encoder checkpoint \(smit_encoder_teacher.pt, "
+                                              r"smit_encoder_student.pt, checkpoint_latest.pt\)"):
+        load_encoder_checkpoint(tmp_path)
+
+
+def test_a_truncated_checkpoint_is_one_line_that_says_so(tmp_path):
+    from nnunet_smit.architectures import SMITConfig, SwinEncoder
+    from nnunet_smit.checkpoint import load_encoder_checkpoint, save_encoder_checkpoint
+
+    config = SMITConfig.preset("tiny")
+    save_encoder_checkpoint(tmp_path / "whole.pt", SwinEncoder(config).state_dict(), config)
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError) as info:
+        load_encoder_checkpoint(tmp_path / "cut.pt")
+    message = str(info.value)
+    assert "a truncated or damaged copy" in message and "copy it again" in message and "\n" not in message
+    assert "Python objects" not in message
+
+
+def test_a_safetensors_file_without_metadata_is_read_as_the_authors_layout_and_says_so(tmp_path):
+    from safetensors.torch import save_file
+
+    from nnunet_smit.architectures import SMITConfig, SwinEncoder
+    from nnunet_smit.checkpoint import load_encoder_checkpoint
+
+    encoder = SwinEncoder(SMITConfig.preset("tiny"))
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp_path / "plain.safetensors")
+    checkpoint = load_encoder_checkpoint(tmp_path / "plain.safetensors")
+    assert checkpoint.source == "official_pretrain"
+    assert any("no nnunet_smit metadata in this safetensors file" in note for note in checkpoint.notes)

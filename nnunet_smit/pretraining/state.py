@@ -23,7 +23,9 @@ from torch import nn
 
 from nnunet_smit.architectures import SMITConfig
 from nnunet_smit.architectures.weight_decay import uses_weight_decay
-from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_encoder_weights
+from nnunet_smit.checkpoint import (
+    PRETRAIN_STATE_FORMAT, PRETRAIN_STATE_NAME, EncoderCheckpoint, load_encoder_checkpoint, load_encoder_weights,
+)
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.cache import manifest_fingerprints
@@ -32,8 +34,9 @@ from nnunet_smit.pretraining.model import SMITPretrainModel
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint_latest.pt"
-STATE_FORMAT = "nnunet_smit.pretrain_state"
+# Written in the checkpoint module, which reads such a state as an encoder checkpoint too.
+CHECKPOINT_NAME = PRETRAIN_STATE_NAME
+STATE_FORMAT = PRETRAIN_STATE_FORMAT
 STATE_VERSION = 1
 
 # Settings a run saved before they existed was trained with (the running-mean center and no KoLeo).

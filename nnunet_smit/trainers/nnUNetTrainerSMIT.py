@@ -6,11 +6,17 @@ Pretrained weights come from the environment variable ``nnUNet_SMIT_weights`` (o
 ``smit_weights``); the encoder is loaded strictly, on every rank, at the start of epoch 0 only. Then the fold's
 validation cases are checked against the scans the encoder was pretrained on (:mod:`nnunet_smit.fingerprints`) and
 the outcome is written to the training log; a validation case seen in pretraining is warned about, never refused.
+
+``nnUNet_SMIT_weights`` may name any file :func:`~nnunet_smit.checkpoint.load_encoder_checkpoint` reads, a
+``smit_pretrain`` output folder (its export, or the ``checkpoint_latest.pt`` of a run still going, whose teacher is
+used), and what the file is and what was converted is written to the training log. A project error raised in a
+process that imported this module (``nnUNetv2_train``) prints as one line, without a traceback.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -30,6 +36,22 @@ from nnunet_smit.trainers import plans_settings
 from nnunet_smit.trainers.param_groups import build_param_groups, unwrap_network
 from nnunet_smit.trainers.patch_fitting import fit_patch_size
 from nnunet_smit.trainers.schedule import EpochLRScheduler
+
+def _one_line_for_project_errors(previous: Any) -> Any:
+    """A ``sys.excepthook`` printing the project's errors as ``error: ...`` (they say what to do); others go on to
+    ``previous``."""
+    def hook(kind, value, traceback):
+        if isinstance(value, SMITError):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    hook.smit_one_line = True
+    return hook
+
+
+if not getattr(sys.excepthook, "smit_one_line", False):
+    sys.excepthook = _one_line_for_project_errors(sys.excepthook)
 
 WEIGHTS_ENV = "nnUNet_SMIT_weights"
 WEIGHTS_PLANS_KEY = "smit_weights"  # optional path inside plans['configurations'][name]
@@ -244,6 +266,8 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             f"SMIT: loaded pretrained encoder from {checkpoint.path} (sha256 {checkpoint.sha256}, "
             f"source {checkpoint.source})\n{report.summary()}"
         )
+        for note in checkpoint.notes:
+            self.print_to_log_file(f"SMIT: {note}")
         if self.local_rank == 0:  # nnU-Net's local_rank is the global rank: the one process that writes the log
             self.check_pretraining_leakage(checkpoint)
 
@@ -395,6 +419,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             checkpoint = load_nnunet_checkpoint(checkpoint, self.device)
+        self._check_same_network(checkpoint, filename_or_checkpoint)
         network = unwrap_network(self.network)
         own_keys = network.state_dict().keys()
         weights = {
@@ -412,6 +437,28 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+    def _check_same_network(self, checkpoint: Dict[str, Any], source: Union[dict, str]) -> None:
+        """One line when an nnU-Net checkpoint holds another SMIT network than this run builds: ``--c`` (or
+        ``--val``) with ``nnUNet_SMIT_weights`` now naming an encoder of another architecture."""
+        plans = (checkpoint.get("init_args") or {}).get("plans") or {}
+        saved = (plans.get("configurations") or {}).get(self.configuration_name, {}).get(plans_settings.SMIT_PLANS_KEY)
+        current = self.configuration_manager.configuration[plans_settings.SMIT_PLANS_KEY]
+        if not saved:
+            return
+        then, now = plans_settings.encoder_config_of(saved).to_dict(), plans_settings.encoder_config_of(current).to_dict()
+        differences = [f"{k} {then.get(k)} there, {now[k]} here" for k in now
+                       if k != "drop_path_rate" and then.get(k) != now[k]]
+        if saved.get("decoder_norm") != current.get("decoder_norm"):
+            differences.append(f"decoder_norm {saved.get('decoder_norm')} there, {current.get('decoder_norm')} here")
+        if differences:
+            name = source if isinstance(source, str) else "the checkpoint"
+            started = (saved.get("weights") or {}).get("path") or "random init"
+            raise SMITError(
+                f"{name} holds another SMIT network than this run builds ({'; '.join(differences[:3])}): "
+                f"{WEIGHTS_ENV} names another encoder than the run started from ({started}); point it there, or "
+                "unset it, to continue this run.")
 
 
 class nnUNetTrainerSMITScratch(nnUNetTrainerSMIT):

@@ -77,3 +77,26 @@ def test_an_optimizer_state_of_other_parameters_is_refused(cache, tmp_path):
     torch.save(state, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(SMITError, match="holds an optimizer for other parameters"):
         PretrainTrainer(tiny_config(max_steps=2), cache, tmp_path).load_checkpoint()
+
+
+def test_fine_tuning_reads_the_teacher_of_a_run_still_going_and_smit_convert_exports_it(cache, tmp_path, capsys):
+    from nnunet_smit.checkpoint import load_encoder_checkpoint
+    from nnunet_smit.convert_cli import main as smit_convert
+
+    trainer = PretrainTrainer(tiny_config(max_steps=2), cache, tmp_path / "run")
+    trainer.fit()
+    (tmp_path / "run" / "smit_encoder_teacher.pt").unlink()  # as while the run goes on: no export yet
+    for given in (tmp_path / "run" / CHECKPOINT_NAME, tmp_path / "run"):
+        checkpoint = load_encoder_checkpoint(given)
+        assert checkpoint.source == "nnunet_smit_state" and checkpoint.path == str(tmp_path / "run" / CHECKPOINT_NAME)
+        teacher = trainer.model.teacher.encoder.state_dict()
+        assert checkpoint.state_dict.keys() == teacher.keys()
+        assert all(torch.equal(checkpoint.state_dict[k], teacher[k]) for k in teacher)
+        assert checkpoint.config == trainer.encoder_config and checkpoint.patch_size == (64, 64, 64)
+        assert checkpoint.pretraining_scans == trainer.scan_fingerprints and checkpoint.pretraining_scans
+        assert checkpoint.notes == ["the teacher encoder of a pretraining state at step 2 (the run had not "
+                                    "finished: its export is written at the end)"]
+    assert smit_convert([str(tmp_path / "run"), "-o", str(tmp_path / "encoder.pt")]) == 0
+    converted = load_encoder_checkpoint(tmp_path / "encoder.pt")
+    assert converted.sha256 == checkpoint.sha256 and converted.pretraining_scans == checkpoint.pretraining_scans
+    assert "the teacher encoder of a pretraining state at step 2" in capsys.readouterr().out

@@ -301,3 +301,49 @@ def test_leakage_check_says_why_it_was_skipped_and_never_stops_training(nnunet_e
     trainer.check_pretraining_leakage(fingerprinted)
     assert leakage_lines(trainer)[-1].endswith(
         "SMIT leakage check skipped: it failed (RuntimeError: no preprocessed data).")
+
+
+def test_continuing_with_weights_of_another_architecture_is_one_line(nnunet_env, tiny_weights, tmp_path,
+                                                                     monkeypatch):
+    # A run started from the tiny encoder; its nnU-Net checkpoint records the plans it was built from.
+    started = make_trainer(nnUNetTrainerSMIT, make_plans())
+    saved = {"init_args": {"plans": started.plans_manager.plans}, "network_weights": {}}
+    other = SMITConfig.preset("tiny", embed_dim=24)
+    path = tmp_path / "other.pt"
+    save_encoder_checkpoint(path, SwinEncoder(other).state_dict(), other, PretrainPreprocessing())
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    continued = make_trainer(nnUNetTrainerSMIT, make_plans())
+    with pytest.raises(SMITError) as info:
+        continued._check_same_network(saved, "checkpoint_latest.pth")
+    message = str(info.value)
+    assert message.startswith("checkpoint_latest.pth holds another SMIT network than this run builds (embed_dim 12 "
+                              "there, 24 here")
+    assert f"the run started from ({tiny_weights[0]})" in message and "\n" not in message
+    started._check_same_network(saved, "checkpoint_latest.pth")  # the same network: nothing to say
+
+
+def test_a_pretraining_run_folder_gives_its_encoder_and_says_which(nnunet_env, tmp_path, monkeypatch):
+    config = SMITConfig.preset("tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    encoder = SwinEncoder(config)
+    save_encoder_checkpoint(run / "smit_encoder_teacher.pt", encoder.state_dict(), config, PretrainPreprocessing())
+    monkeypatch.setenv(WEIGHTS_ENV, str(run))
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    settings = trainer.plans_manager.plans["configurations"]["3d_fullres"]["smit"]
+    assert settings["weights"]["path"] == str(run) and settings["weights"]["source"] == "nnunet_smit"
+    assert settings["weights"]["sha256"] == load_encoder_checkpoint(run / "smit_encoder_teacher.pt").sha256
+
+
+def test_a_project_error_in_a_process_running_the_trainer_is_one_line():
+    import subprocess
+    import sys
+
+    code = ("import nnunet_smit.trainers.nnUNetTrainerSMIT\n"
+            "from nnunet_smit.errors import CheckpointError\n"
+            "raise CheckpointError('weights.pt is truncated; copy it again.')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == "error: weights.pt is truncated; copy it again.\n"
+    other = subprocess.run([sys.executable, "-c", "import nnunet_smit.trainers.nnUNetTrainerSMIT\nraise KeyError(1)"],
+                           capture_output=True, text=True, timeout=120)
+    assert "Traceback" in other.stderr  # anything else keeps its traceback
