@@ -166,7 +166,8 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         if plans.get("continue_training") and previous is not None:
             # --c: rebuild exactly the network that the nnU-Net checkpoint holds
             settings = previous
-            notes.append("SMIT: continuing; network settings taken from the results folder's plans.json.")
+            notes.append("SMIT: continuing; network settings taken from the results folder's plans.json"
+                         + (f" ({WEIGHTS_ENV}={weights_path} is not read when continuing)." if weights_path else "."))
         elif weights_path is not None or previous is None:
             if weights_path is not None:
                 checkpoint = load_encoder_checkpoint(weights_path)

@@ -303,6 +303,22 @@ def test_leakage_check_says_why_it_was_skipped_and_never_stops_training(nnunet_e
         "SMIT leakage check skipped: it failed (RuntimeError: no preprocessed data).")
 
 
+def test_continuing_keeps_the_results_folders_network_and_says_the_weights_are_not_read(nnunet_env, tiny_weights,
+                                                                                       tmp_path, monkeypatch):
+    started = make_trainer(nnUNetTrainerSMIT, make_plans())
+    folder = Path(started.output_folder_base)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(started.plans_manager.plans))
+    other = SMITConfig.preset("tiny", embed_dim=24)
+    path = tmp_path / "other.pt"
+    save_encoder_checkpoint(path, SwinEncoder(other).state_dict(), other, PretrainPreprocessing())
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    notes, checkpoint = nnUNetTrainerSMIT._write_smit_plans({**make_plans(), "continue_training": True}, "3d_fullres")
+    assert checkpoint is None
+    assert notes[0] == (f"SMIT: continuing; network settings taken from the results folder's plans.json "
+                        f"({WEIGHTS_ENV}={path} is not read when continuing).")
+
+
 def test_continuing_with_weights_of_another_architecture_is_one_line(nnunet_env, tiny_weights, tmp_path,
                                                                      monkeypatch):
     # A run started from the tiny encoder; its nnU-Net checkpoint records the plans it was built from.
