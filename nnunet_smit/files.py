@@ -14,7 +14,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from nnunet_smit.errors import SMITError
 
@@ -38,6 +38,21 @@ TEMPORARY_SUFFIX = ".tmp"
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of :func:`atomic_write`'s temporary files (left behind only by a killed run)."""
     return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
+def remove_temporary_files(*folders: PathLike) -> List[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folders`` (not below them); returns them.
+
+    Only for a process that holds the folder (its :class:`FolderLock`): another writer's file in progress would go.
+    """
+    removed: List[Path] = []
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if is_temporary(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:

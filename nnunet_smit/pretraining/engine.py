@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError, describe_os_error
-from nnunet_smit.files import FolderBusy, FolderLock, describe_holder
+from nnunet_smit.files import FolderBusy, FolderLock, describe_holder, remove_temporary_files
 from nnunet_smit.pretraining.cache import CacheIndex, build_cache
 from nnunet_smit.pretraining.config import DEMO_CASES, PretrainConfig
 from nnunet_smit.pretraining.distributed import init_distributed, launch_rank, leave_process_group, share_outcome
@@ -137,3 +137,7 @@ def _lock_run_folder(run_lock: FolderLock) -> None:
     if run_lock.previous:
         logger.warning("%s was last held by %s, which ended without releasing it (killed?); this run takes over.",
                        run_lock.what, describe_holder(run_lock.previous))
+    # What a killed run was writing (a checkpoint, the export, a figure): its previous file is whole.
+    removed = remove_temporary_files(run_lock.path.parent, run_lock.path.parent / "plots")
+    if removed:
+        logger.info("removed %d temporary files a killed run left in %s", len(removed), run_lock.path.parent)

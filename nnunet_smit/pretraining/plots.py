@@ -9,6 +9,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from nnunet_smit.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "dino", "ibot", "reconstruction")
@@ -81,8 +83,7 @@ def plot_loss_curves(log_path: Path, out_path: Path) -> Optional[Path]:
         handles = axes[3].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         axes[3].legend(handles, [h.get_label() for h in handles])
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=80)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
     return out_path
 
@@ -109,7 +110,6 @@ def plot_reconstruction(preview: Dict[str, Optional[torch.Tensor]], out_path: Pa
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=80)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
     return out_path

@@ -114,6 +114,7 @@ class RunLog:
         self.tensorboard_dir = self.output_dir / "tensorboard"
         self._tensorboard = tensorboard
         self._writer: Optional[Any] = None
+        self._tail_checked = False
 
     def write(self, record: Dict[str, Any]) -> None:
         """Append ``record`` (with the time) to ``log.jsonl``, and a train record's numbers to TensorBoard."""
@@ -121,9 +122,19 @@ class RunLog:
             return
         record = {"time": round(time.time(), 3), **record}
         with open(self.log_path, "a") as handle:
+            if not self._tail_checked:
+                self._tail_checked = True
+                # A run killed while appending leaves half a line: end it, so that this record starts a line.
+                if handle.tell() and self._last_byte() != b"\n":
+                    handle.write("\n")
             handle.write(json.dumps(record) + "\n")
         if self._tensorboard and record.get("event") == "train":
             self._write_scalars(record)
+
+    def _last_byte(self) -> bytes:
+        with open(self.log_path, "rb") as handle:
+            handle.seek(-1, 2)
+            return handle.read(1)
 
     def _write_scalars(self, record: Dict[str, Any]) -> None:
         if self._writer is None:

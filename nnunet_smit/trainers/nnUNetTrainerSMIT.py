@@ -31,6 +31,7 @@ from nnunet_smit.architectures import SMITConfig, SMITNet
 from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_encoder_weights
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import CheckpointError, SMITError
+from nnunet_smit.files import atomic_write
 from nnunet_smit.fingerprints import check_raw_cases
 from nnunet_smit.trainers import plans_settings
 from nnunet_smit.trainers.param_groups import build_param_groups, unwrap_network
@@ -409,6 +410,14 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             return super().perform_actual_validation(save_probabilities)
 
     # --- checkpoints ----------------------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically: a run killed while writing keeps the previous file whole (2.8.1
+        writes in place, and a half-written ``checkpoint_latest.pth`` stops ``--c``)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing here (and says so when checkpointing is disabled)
+            return
+        atomic_write(filename, lambda tmp: super(nnUNetTrainerSMIT, self).save_checkpoint(tmp))
+
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         """Restore what nnU-Net's ``save_checkpoint`` wrote (``--c``, ``--val``), reading the file weights-only.
 

@@ -92,12 +92,17 @@ def test_a_second_run_on_a_folder_in_use_is_refused_at_once_naming_the_holder(tm
     finally:
         holder.kill()
         holder.wait()
-    # Killed (SIGKILL): the lock died with it, and the next run takes over with a warning.
+    # Killed (SIGKILL): the lock died with it, and the next run takes over with a warning, and removes what the killed
+    # run was writing.
+    (out / ".checkpoint_latest.pt.k2j3h4.tmp").write_bytes(b"half a checkpoint")
+    (out / "plots").mkdir()
+    (out / "plots" / ".loss_curves.png.a8d7f1.tmp").write_bytes(b"half a figure")
     with caplog.at_level("WARNING", logger="nnunet_smit.pretraining"):
         code = main(["-d", str(data), "-o", str(out), "--cache_dir", str(cache), "--cache_only", *TINY_ARGS])
     assert code == 0
     assert f"was last held by pid {holder.pid}" in caplog.text and "this run takes over" in caplog.text
     assert (out / RUN_LOCK_NAME).read_text() == ""  # released at the end
+    assert not [p for p in out.rglob("*.tmp") if "cache" not in p.parts]
 
 
 def test_centering_option_reaches_the_config():

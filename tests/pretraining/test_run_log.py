@@ -69,3 +69,10 @@ def test_a_run_with_tensorboard_writes_every_logged_step(tmp_path_factory, tmp_p
     assert [e.step for e in events.Scalars("train/loss")] == steps == [1, 2]
     assert [e.value for e in events.Scalars("train/reconstruction")] == pytest.approx(
         [r["reconstruction"] for r in logged if r["event"] == "train"])
+
+
+def test_a_half_written_line_of_a_killed_run_does_not_swallow_the_next_record(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"event": "train", "step": 1}\n{"event": "train", "st')
+    RunLog(tmp_path).write({"event": "resume", "step": 1})
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["event"] == "resume"
