@@ -55,7 +55,7 @@ if not getattr(sys.excepthook, "smit_one_line", False):
     sys.excepthook = _one_line_for_project_errors(sys.excepthook)
 
 WEIGHTS_ENV = "nnUNet_SMIT_weights"
-WEIGHTS_PLANS_KEY = "smit_weights"  # optional path inside plans['configurations'][name]
+WEIGHTS_PLANS_KEY = plans_settings.WEIGHTS_PLANS_KEY  # optional path inside plans['configurations'][name]
 MISSING_WEIGHTS_MESSAGE = (
     f"No SMIT encoder checkpoint given: set the environment variable {WEIGHTS_ENV} to an encoder checkpoint "
     "(from smit_pretrain or smit_convert), or train from random init with -tr nnUNetTrainerSMITScratch."
@@ -213,6 +213,8 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             f"-> {list(preprocessing.scaled_range)}; other channels pass through as nnU-Net normalised them."
         )
         notes += plans_settings.convention_warnings(resolved["spacing"], preprocessing, resolved["normalization_schemes"])
+        notes += plans_settings.clip_range_warnings(settings["intensity_mapping"], preprocessing, plans["dataset_name"],
+                                                    plans["plans_name"], (settings.get("weights") or {}).get("path"))
         return notes, checkpoint
 
     # --- network -------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from nnunet_smit.errors import SMITError
 from nnunet_smit.trainers.patch_fitting import PatchFit
 
 SMIT_PLANS_KEY = "smit"
+# Optional encoder path inside plans['configurations'][name] (smit_plan writes it; nnUNet_SMIT_weights wins).
+WEIGHTS_PLANS_KEY = "smit_weights"
 SETTINGS_FORMAT_VERSION = 1
 # nnU-Net's normalisation whose statistics let the network recover HU exactly (inside the clip range).
 CT_NORMALIZATION = "CTNormalization"
@@ -139,6 +141,37 @@ def build_network(
         deep_supervision=deep_supervision,
         input_mapping=build_intensity_mapping(settings, num_input_channels),
     )
+
+
+# A clip range that removes more than this share of the checkpoint's HU window gets a warning.
+CLIPPED_WINDOW_WARNING_SHARE = 0.01
+
+
+def clip_range_warnings(
+    intensity_mapping: Sequence[Optional[Dict[str, Any]]], preprocessing: PretrainPreprocessing, dataset_name: str,
+    plans_name: str, encoder: Optional[str] = None,
+) -> List[str]:
+    """Warnings for CT channels that nnU-Net's preprocessing clipped inside the checkpoint's HU window: the values
+    between the clip range and the window's ends never reach the encoder. Names the command that fixes it."""
+    low, high = (float(v) for v in preprocessing.hu_window)
+    warnings: List[str] = []
+    for channel, stats in enumerate(intensity_mapping):
+        if stats is None:
+            continue
+        clip_low, clip_high = stats["percentile_00_5"], stats["percentile_99_5"]
+        lost = max(0.0, min(clip_low, high) - low) + max(0.0, high - max(clip_high, low))
+        share = lost / (high - low)
+        if share <= CLIPPED_WINDOW_WARNING_SHARE:
+            continue
+        cut = ([f"below {clip_low:g} HU arrives as {clip_low:g}"] if clip_low > low else []) + (
+            [f"above {clip_high:g} HU arrives as {clip_high:g}"] if clip_high < high else [])
+        warnings.append(
+            f"WARNING: nnU-Net's {CT_NORMALIZATION} in plans {plans_name} clips channel {channel} to "
+            f"[{clip_low:g}, {clip_high:g}] HU (the dataset's foreground 0.5-99.5 percentiles), inside the "
+            f"checkpoint's window [{low:g}, {high:g}] HU: {share:.0%} of the window never reaches the encoder "
+            f"(everything {' and '.join(cut)}). `smit_plan -d {dataset_name} --encoder {encoder or 'ENCODER'}` writes "
+            f"plans that keep the whole window; then train with -p {plans_name}_SMIT.")
+    return warnings
 
 
 def convention_warnings(

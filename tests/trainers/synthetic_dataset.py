@@ -46,8 +46,12 @@ def _write(array: np.ndarray, path: Path) -> None:
 
 
 def write_dataset(raw_root: Path, dataset_id: int = 901, num_cases: int = 5, num_test_cases: int = 1,
-                  seed: int = 0) -> Tuple[str, List[Path]]:
-    """Write DatasetXXX_SMITToy (imagesTr, labelsTr, imagesTs, dataset.json); returns its name and test images."""
+                  seed: int = 0, label_bone: bool = True) -> Tuple[str, List[Path]]:
+    """Write DatasetXXX_SMITToy (imagesTr, labelsTr, imagesTs, dataset.json); returns its name and test images.
+
+    ``label_bone=False`` labels the liver-like blob only: the foreground (what nnU-Net's CT clip range comes from) is
+    soft tissue, while the images still hold 700 HU bone.
+    """
     name = f"Dataset{dataset_id:03d}_SMITToy"
     folder = raw_root / name
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
@@ -55,6 +59,8 @@ def write_dataset(raw_root: Path, dataset_id: int = 901, num_cases: int = 5, num
     rng = np.random.default_rng(seed)
     for i in range(num_cases):
         image, labels = _case(rng, CASE_SHAPE)
+        if not label_bone:
+            labels[labels == LABELS["bone"]] = 0
         _write(image, folder / "imagesTr" / f"toy_{i:03d}_0000.nii.gz")
         _write(labels, folder / "labelsTr" / f"toy_{i:03d}.nii.gz")
     test_images = []
@@ -65,7 +71,7 @@ def write_dataset(raw_root: Path, dataset_id: int = 901, num_cases: int = 5, num
         test_images.append(path)
     dataset_json = {
         "channel_names": {"0": "CT"},
-        "labels": LABELS,
+        "labels": LABELS if label_bone else {k: v for k, v in LABELS.items() if k != "bone"},
         "numTraining": num_cases,
         "file_ending": ".nii.gz",
     }

@@ -72,11 +72,20 @@ def pipeline(tmp_path_factory):
          "-c", CONFIGURATION, "-tr", TRAINER, "-f", "0", "-npp", "1", "-nps", "1", "--disable_tta",
          "--save_probabilities", "-device", "cpu"], env, dirs["logs"] / "predict.log")
     later_logs = set((output_folder / "fold_0").glob("training_log_*.txt")) - first_logs
+    # The SMIT plans variant: smit_plan writes and preprocesses it; training and prediction then need no variable.
+    timings["smit_plan"] = _run(["smit_plan", "-d", str(DATASET_ID), "--encoder", str(weights), "-np", "1"],
+                                env, dirs["logs"] / "smit_plan.log")
+    timings["train_smit_plans"] = _run(train + ["-p", "nnUNetPlans_SMIT"], env, dirs["logs"] / "train_smit_plans.log")
+    (root / "pred_smit_plans").mkdir()
+    timings["predict_smit_plans"] = _run(
+        ["nnUNetv2_predict", "-i", str(test_images[0].parent), "-o", str(root / "pred_smit_plans"), "-d",
+         str(DATASET_ID), "-c", CONFIGURATION, "-tr", TRAINER, "-p", "nnUNetPlans_SMIT", "-f", "0", "-npp", "1",
+         "-nps", "1", "--disable_tta", "-device", "cpu"], env, dirs["logs"] / "predict_smit_plans.log")
     print("stock CLI timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
     return {
         "dirs": dirs, "dataset_name": dataset_name, "test_images": test_images, "weights": weights, "sha": sha,
         "output_folder": output_folder, "first_logs": sorted(first_logs), "later_logs": sorted(later_logs),
-        "timings": timings,
+        "timings": timings, "root": root,
     }
 
 
@@ -116,6 +125,19 @@ def test_stock_cli_end_to_end(pipeline):
         np.testing.assert_allclose(seg.GetDirection(), image.GetDirection(), atol=1e-6)
         labels = np.unique(sitk.GetArrayFromImage(seg))
         assert set(labels.tolist()) <= set(LABELS.values())
+
+
+def test_the_smit_plans_variant_trains_and_predicts_with_the_stock_cli_and_no_weights_variable(pipeline):
+    folder = pipeline["dirs"]["results"] / pipeline["dataset_name"] / f"{TRAINER}__nnUNetPlans_SMIT__{CONFIGURATION}"
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+    log = "\n".join(p.read_text() for p in (folder / "fold_0").glob("training_log_*.txt"))
+    assert f"SMIT: loaded pretrained encoder from {pipeline['weights']}" in log  # from the plans, not the variable
+    assert "clips channel" not in log  # the variant keeps the whole window
+    plans = json.loads((folder / "plans.json").read_text())
+    stats = plans["configurations"][CONFIGURATION]["smit"]["intensity_mapping"][0]
+    assert (stats["percentile_00_5"], stats["percentile_99_5"]) == (-175.0, 250.0)
+    predictions = sorted((pipeline["root"] / "pred_smit_plans").glob("*.nii.gz"))
+    assert len(predictions) == len(pipeline["test_images"])
 
 
 def test_results_folder_predicts_through_nnunet_predictor(pipeline, tmp_path, monkeypatch):
