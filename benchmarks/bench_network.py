@@ -1,10 +1,15 @@
-"""Benchmark SMITNet against MONAI SwinUNETR (feature 48) and nnU-Net's default PlainConvUNet at one patch size.
+"""Benchmark SMITNet (authors' and light decoder) against MONAI SwinUNETR and nnU-Net's default PlainConvUNet.
+
+SwinUNETR runs at feature size 48, PlainConvUNet with nnU-Net's 3d_fullres topology for the patch.
 
 For each network and patch: forward time, forward+backward time, peak memory, FLOPs counted by
 ``torch.utils.flop_counter`` and the achieved FLOP rate; then ratios against the two baselines, measured
 side by side in this one run. Each (network, patch) runs in its own subprocess so peak memory is its own.
+``smit`` is SMITNet with the authors' decoder, ``smit_light`` the same encoder with ``decoder="light"``;
+``smit_light_ckpt`` (on request) adds the encoder's gradient checkpointing.
 
     python benchmarks/bench_network.py                      # CPU: smit_small at 96^3 and 128^3, fp32
+    python benchmarks/bench_network.py --threads 1          # CPU shared with other jobs (see --threads)
     python benchmarks/bench_network.py --device cuda --dtype bf16 --json out.json
 
 Speed and memory goals live here, not in tests (see the README's performance section).
@@ -19,9 +24,11 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-NETWORKS = ("smit", "swinunetr", "plainconvunet")
+NETWORKS = ("smit", "smit_light", "swinunetr", "plainconvunet")  # the default run
+# SMITNet by benchmark name: (decoder, encoder gradient checkpointing)
+SMIT_NETWORKS = {"smit": ("smit", False), "smit_light": ("light", False), "smit_light_ckpt": ("light", True)}
 NUM_CLASSES = 14
 # Peak dense bf16 matrix throughput of cards we may meet, for the "% of peak" figure; the first key found in the
 # device name counts, so variants come before their family (the SXM parts).
@@ -32,10 +39,12 @@ GPU_PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0
 def build(name: str, patch: int, preset: str):
     from torch import nn
 
-    if name == "smit":
+    if name in SMIT_NETWORKS:
         from nnunet_smit.architectures import SMITConfig, SMITNet
 
-        return SMITNet(SMITConfig.preset(preset), 1, NUM_CLASSES, deep_supervision=True)
+        decoder, checkpointing = SMIT_NETWORKS[name]
+        return SMITNet(SMITConfig.preset(preset), 1, NUM_CLASSES, deep_supervision=True, decoder=decoder,
+                       gradient_checkpointing=checkpointing)
     if name == "swinunetr":
         from monai.networks.nets import SwinUNETR
 
@@ -61,10 +70,13 @@ def _loss(out):
     return sum(o.float().mean() for o in outs)
 
 
-def run_case(name: str, patch: int, device: str, dtype: str, repeats: int, preset: str) -> Dict:
+def run_case(name: str, patch: int, device: str, dtype: str, repeats: int, preset: str,
+             threads: Optional[int] = None) -> Dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
     net = build(name, patch, preset).to(dev).train()
@@ -123,12 +135,13 @@ def run_case(name: str, patch: int, device: str, dtype: str, repeats: int, prese
     }
 
 
-def describe_machine(device: str) -> str:
+def describe_machine(device: str, threads: Optional[int] = None) -> str:
     import torch
 
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{threads or torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -139,7 +152,11 @@ def main(argv: List[str] | None = None) -> int:
                         help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--preset", default="smit_small")
-    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS) + ["smit_light_ckpt"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per case (default: torch's). On a CPU shared with other jobs, 1 "
+                        "keeps the ratios fair: the encoder's many small operators wait at every multi-thread "
+                        "barrier when another job holds a core, large convolutions much less")
     parser.add_argument("--json", help="write all figures to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: NAME:PATCH, one case in this process
     args = parser.parse_args(argv)
@@ -147,7 +164,7 @@ def main(argv: List[str] | None = None) -> int:
 
     if args.case:
         name, patch = args.case.split(":")
-        print(json.dumps(run_case(name, int(patch), args.device, dtype, args.repeats, args.preset)))
+        print(json.dumps(run_case(name, int(patch), args.device, dtype, args.repeats, args.preset, args.threads)))
         return 0
 
     results = []
@@ -155,6 +172,8 @@ def main(argv: List[str] | None = None) -> int:
         for name in args.networks:
             cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{name}:{patch}", "--device", args.device,
                    "--dtype", dtype, "--repeats", str(args.repeats), "--preset", args.preset]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{name} @ {patch}^3 failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -165,31 +184,34 @@ def main(argv: List[str] | None = None) -> int:
                   f"peak {r['peak_memory_mb']:9.0f} MB  {r['gflops_forward_backward']:9.1f} GFLOP  "
                   f"{r['achieved_tflops_forward_backward'] * 1e3:8.1f} GFLOP/s", flush=True)
 
-    machine = describe_machine(args.device)
+    machine = describe_machine(args.device, args.threads)
     print(f"\nmachine: {machine}; dtype {dtype}; best of {args.repeats}")
     ratios = []
     for patch in args.patches:
         by = {r["network"]: r for r in results if r["patch"] == patch}
-        if "smit" not in by:
-            continue
-        smit = by["smit"]
-        row = {"patch": patch}
-        if "swinunetr" in by:
-            row["time_vs_swinunetr"] = smit["forward_backward_s"] / by["swinunetr"]["forward_backward_s"]
-            row["memory_vs_swinunetr"] = smit["peak_memory_mb"] / by["swinunetr"]["peak_memory_mb"]
-        if "plainconvunet" in by:
-            row["time_vs_plainconvunet"] = smit["forward_backward_s"] / by["plainconvunet"]["forward_backward_s"]
-            row["flop_rate_vs_plainconvunet"] = (
-                smit["achieved_tflops_forward_backward"] / by["plainconvunet"]["achieved_tflops_forward_backward"]
-            )
-        if args.device == "cuda":
-            name = describe_machine("cuda")
-            peak = next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), None)
-            if peak:
-                row["smit_fraction_of_bf16_peak"] = smit["achieved_tflops_forward_backward"] / peak
-        ratios.append(row)
-        print(f"{patch}^3: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "patch"))
-    print("goals: time_vs_swinunetr <= 0.70, flop_rate_vs_plainconvunet >= 1.00, on GPU bf16 >= 35% of peak")
+        for network in (n for n in SMIT_NETWORKS if n in by):
+            smit = by[network]
+            row = {"network": network, "patch": patch}
+            for baseline in ("swinunetr", "plainconvunet"):
+                if baseline in by:
+                    base = by[baseline]
+                    row[f"time_vs_{baseline}"] = smit["forward_backward_s"] / base["forward_backward_s"]
+                    row[f"memory_vs_{baseline}"] = smit["peak_memory_mb"] / base["peak_memory_mb"]
+                    row[f"flops_vs_{baseline}"] = smit["gflops_forward_backward"] / base["gflops_forward_backward"]
+            if "plainconvunet" in by:
+                row["flop_rate_vs_plainconvunet"] = (
+                    smit["achieved_tflops_forward_backward"] / by["plainconvunet"]["achieved_tflops_forward_backward"]
+                )
+            if args.device == "cuda":
+                name = describe_machine("cuda")
+                peak = next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), None)
+                if peak:
+                    row["smit_fraction_of_bf16_peak"] = smit["achieved_tflops_forward_backward"] / peak
+            ratios.append(row)
+            print(f"{network} {patch}^3: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k not in ("network", "patch")))
+    print("goals: smit: time_vs_swinunetr <= 0.70, flop_rate_vs_plainconvunet >= 1.00, on GPU bf16 >= 35% of peak; "
+          "smit_light: time_vs_plainconvunet <= 1.00, time_vs_swinunetr <= 0.50, memory_vs_plainconvunet <= 1.00")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "dtype": dtype, "results": results, "ratios": ratios}, f, indent=2)

@@ -1,4 +1,5 @@
-"""SMITNet: the Swin-3D encoder with the SMIT convolutional decoder, plus fixed input intensity mapping."""
+"""SMITNet: the Swin-3D encoder with a convolutional decoder (the authors' or the light one), plus fixed input
+intensity mapping."""
 from __future__ import annotations
 
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
@@ -8,7 +9,11 @@ from torch import nn
 
 from nnunet_smit.architectures.config import SMITConfig
 from nnunet_smit.architectures.decoder import SMITDecoder
+from nnunet_smit.architectures.light_decoder import SMITLightDecoder
 from nnunet_smit.architectures.swin_encoder import SwinEncoder
+
+# Decoder kinds: "smit" is the authors' (their weights load into it), "light" narrows the top two resolutions.
+DECODERS = {"smit": SMITDecoder, "light": SMITLightDecoder}
 
 
 class IntensityMapping(nn.Module):
@@ -65,6 +70,9 @@ class SMITNet(nn.Module):
         feature_size: decoder width F; defaults to the encoder's ``embed_dim`` (the decoder's skips assume it).
         input_mapping: optional fixed intensity mapping applied to the input first.
         gradient_checkpointing: recompute encoder blocks in backward.
+        decoder: ``"smit"``, the authors' decoder (the default), or ``"light"``, :class:`SMITLightDecoder` with
+            narrow full- and half-resolution stages (16 and 32 channels); both give the same deep-supervision
+            outputs.
 
     Input (B, C_in, D, H, W) with every axis a multiple of 32; output logits (B, num_classes, D, H, W).
     """
@@ -79,8 +87,11 @@ class SMITNet(nn.Module):
         feature_size: Optional[int] = None,
         input_mapping: Optional[IntensityMapping] = None,
         gradient_checkpointing: bool = False,
+        decoder: str = "smit",
     ) -> None:
         super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"Unknown decoder {decoder!r}; choose one of {sorted(DECODERS)}.")
         self.config = config.replace(in_channels=in_channels)
         feature_size = feature_size or self.config.embed_dim
         if feature_size != self.config.embed_dim:
@@ -90,7 +101,7 @@ class SMITNet(nn.Module):
             )
         self.input_mapping = input_mapping
         self.encoder = SwinEncoder(self.config, gradient_checkpointing=gradient_checkpointing)
-        self.decoder = SMITDecoder(in_channels, feature_size, num_classes, norm, deep_supervision)
+        self.decoder = DECODERS[decoder](in_channels, feature_size, num_classes, norm, deep_supervision)
 
     @staticmethod
     def deep_supervision_scales() -> List[List[float]]:

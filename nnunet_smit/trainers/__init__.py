@@ -9,10 +9,14 @@ from nnunet_smit.trainers.variants import (
     nnUNetTrainerSMIT_96,
     nnUNetTrainerSMIT_128,
     nnUNetTrainerSMIT_tiny,
+    nnUNetTrainerSMITLight,
+    nnUNetTrainerSMITLight_64,
     nnUNetTrainerSMITScratch_64,
     nnUNetTrainerSMITScratch_96,
     nnUNetTrainerSMITScratch_128,
     nnUNetTrainerSMITScratch_tiny,
+    nnUNetTrainerSMITLightScratch,
+    nnUNetTrainerSMITLightScratch_64,
 )
 
 __all__ = [
@@ -27,4 +31,8 @@ __all__ = [
     "nnUNetTrainerSMITScratch_96",
     "nnUNetTrainerSMITScratch_128",
     "nnUNetTrainerSMITScratch_tiny",
+    "nnUNetTrainerSMITLight",
+    "nnUNetTrainerSMITLight_64",
+    "nnUNetTrainerSMITLightScratch",
+    "nnUNetTrainerSMITLightScratch_64",
 ]

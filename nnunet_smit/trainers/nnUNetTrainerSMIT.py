@@ -95,6 +95,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
     scratch_preset: str = "smit_small"  # architecture when no checkpoint is given (Scratch variants only)
     fixed_patch_size: Optional[Tuple[int, int, int]] = None  # None: fit nnU-Net's planned patch
     decoder_norm: str = "instance"
+    decoder: str = "smit"  # the authors' decoder; "light": SMITLightDecoder (nnUNetTrainerSMITLight)
     smit_initial_lr: float = 3e-4
     smit_weight_decay: float = 5e-2
     warmup_epochs: int = 50
@@ -189,6 +190,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
                 plans_settings.intensity_statistics(plans, resolved),
                 weights if cls.require_pretrained_weights else None,
                 decoder_norm=cls.decoder_norm,
+                decoder=cls.decoder,
             )
             if weights is not None and not cls.require_pretrained_weights:
                 notes.append(f"SMIT: random init; architecture and conventions taken from {weights_path}.")

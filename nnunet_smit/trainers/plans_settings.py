@@ -6,6 +6,7 @@ so the trainer writes everything the network needs into ``plans['configurations'
     {"format_version": 1,
      "encoder_config": SMITConfig.to_dict(),
      "pretrain_preprocessing": PretrainPreprocessing.to_dict(),
+     "decoder": "smit" (the authors') or "light" (absent in plans written before it existed: "smit"),
      "decoder_norm": "instance",
      "intensity_mapping": [per image channel: {"scheme", "mean", "std", "percentile_00_5", "percentile_99_5"}
                            for CTNormalization channels, else null],
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 from nnunet_smit.architectures import IntensityMapping, SMITConfig, SMITNet
+from nnunet_smit.architectures.smit_net import DECODERS
 from nnunet_smit.conventions import AXIS_CONVENTION_NNUNET, PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.trainers.patch_fitting import PatchFit
@@ -57,6 +59,19 @@ def intensity_statistics(plans: Dict[str, Any], configuration: Dict[str, Any]) -
     return stats
 
 
+# Plans without a "decoder" key were written before the light decoder existed: the authors' decoder.
+DEFAULT_DECODER = "smit"
+
+
+def _known_decoder(decoder: str) -> str:
+    if decoder not in DECODERS:
+        raise SMITError(
+            f"These SMIT settings name the decoder {decoder!r}, which this package does not know (it knows "
+            f"{sorted(DECODERS)}); upgrade nnunet_smit or use one of those."
+        )
+    return decoder
+
+
 def make_settings(
     encoder_config: SMITConfig,
     preprocessing: PretrainPreprocessing,
@@ -64,12 +79,18 @@ def make_settings(
     intensity_mapping: Sequence[Optional[Dict[str, Any]]],
     weights: Optional[Dict[str, str]],
     decoder_norm: str = "instance",
+    decoder: str = DEFAULT_DECODER,
 ) -> Dict[str, Any]:
-    """The JSON-able ``smit`` entry of a plans configuration (see the module docstring)."""
+    """The JSON-able ``smit`` entry of a plans configuration (see the module docstring).
+
+    ``decoder`` names SMITNet's decoder, ``"smit"`` (the authors') or ``"light"``; plans written before the key
+    existed hold none and mean ``"smit"``.
+    """
     return {
         "format_version": SETTINGS_FORMAT_VERSION,
         "encoder_config": encoder_config.to_dict(),
         "pretrain_preprocessing": preprocessing.to_dict(),
+        "decoder": _known_decoder(decoder),
         "decoder_norm": decoder_norm,
         "intensity_mapping": [dict(s) if s is not None else None for s in intensity_mapping],
         "patch_fit": {
@@ -140,6 +161,7 @@ def build_network(
         norm=settings.get("decoder_norm", "instance"),
         deep_supervision=deep_supervision,
         input_mapping=build_intensity_mapping(settings, num_input_channels),
+        decoder=_known_decoder(settings.get("decoder", DEFAULT_DECODER)),
     )
 
 

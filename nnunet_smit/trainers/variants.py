@@ -42,6 +42,32 @@ class nnUNetTrainerSMITScratch_128(nnUNetTrainerSMITScratch):
     fixed_patch_size = (128, 128, 128)
 
 
+class nnUNetTrainerSMITLight(nnUNetTrainerSMIT):
+    """The light decoder (SMITLightDecoder: 16 channels at full resolution, 32 at 1/2, half of nnU-Net's U-Net
+    there) on the pretrained encoder; the plans' ``smit`` entry says ``"decoder": "light"`` for prediction."""
+
+    decoder = "light"
+
+
+class nnUNetTrainerSMITLightScratch(nnUNetTrainerSMITScratch):
+    """Random-init baseline of nnUNetTrainerSMITLight (named nnUNetTrainerSMIT<Variant>Scratch[_<size>], which
+    smit_study derives for the scratch arm of nnUNetTrainerSMIT<Variant>[_<size>])."""
+
+    decoder = "light"
+
+
+class nnUNetTrainerSMITLight_64(nnUNetTrainerSMITLight):
+    """nnUNetTrainerSMITLight with a fixed 64^3 patch: CPU-sized studies."""
+
+    fixed_patch_size = (64, 64, 64)
+
+
+class nnUNetTrainerSMITLightScratch_64(nnUNetTrainerSMITLightScratch):
+    """Random-init baseline of nnUNetTrainerSMITLight_64."""
+
+    fixed_patch_size = (64, 64, 64)
+
+
 class _TinyRun:
     """2 epochs of 2 iterations, 1 validation iteration, 1 warm-up epoch, no mirroring (so the final validation
     runs without 8-fold mirror averaging): CPU smoke runs and tests."""

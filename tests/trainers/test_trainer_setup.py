@@ -363,3 +363,67 @@ def test_a_project_error_in_a_process_running_the_trainer_is_one_line():
     other = subprocess.run([sys.executable, "-c", "import nnunet_smit.trainers.nnUNetTrainerSMIT\nraise KeyError(1)"],
                            capture_output=True, text=True, timeout=120)
     assert "Traceback" in other.stderr  # anything else keeps its traceback
+
+
+# --- the decoder named in the plans: the light variants, and plans written before the key existed ------------------
+LIGHT_VARIANTS = ("nnUNetTrainerSMITLight", "nnUNetTrainerSMITLight_64", "nnUNetTrainerSMITLightScratch",
+                  "nnUNetTrainerSMITLightScratch_64")
+
+
+@pytest.mark.parametrize("name", LIGHT_VARIANTS)
+def test_light_variants_write_the_light_decoder_and_prediction_rebuilds_it_from_plans_json(nnunet_env, tiny_weights,
+                                                                                          name):
+    import nnunet_smit.trainers as trainers
+    from nnunet_smit.architectures import SMITLightDecoder
+
+    trainer = make_trainer(getattr(trainers, name), make_plans())
+    assert trainer.configuration_manager.configuration["smit"]["decoder"] == "light"
+    trained = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3, True)
+    # what nnUNetv2_predict does: plans.json from disk, the static method on the class, no trainer instance
+    plans_manager = PlansManager(json.loads(json.dumps(trainer.plans_manager.plans)))
+    cm = plans_manager.get_configuration("3d_fullres")
+    rebuilt = getattr(trainers, name).build_network_architecture(plans_manager, cm, 1, 3, False)
+    assert isinstance(trained.decoder, SMITLightDecoder) and isinstance(rebuilt.decoder, SMITLightDecoder)
+    shapes = {k: v.shape for k, v in trained.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+    rebuilt.load_state_dict(trained.state_dict())  # strict: prediction loads the trained checkpoint
+    if name.endswith("_64"):
+        assert cm.patch_size == [64, 64, 64]
+    with torch.no_grad():
+        outputs = trained.train()(torch.randn(1, 1, *cm.patch_size))
+    assert [tuple(o.shape[2:]) for o in outputs] == [tuple(n // 2**i for n in cm.patch_size) for i in range(5)]
+    assert trainer._get_deep_supervision_scales() == [[1 / 2**i] * 3 for i in range(5)]
+
+
+def test_the_default_trainer_writes_the_authors_decoder_and_plans_without_the_key_build_it(nnunet_env, tiny_weights):
+    from nnunet_smit.architectures import SMITDecoder
+
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    plans = json.loads(json.dumps(trainer.plans_manager.plans))
+    assert plans["configurations"]["3d_fullres"]["smit"]["decoder"] == "smit"
+    del plans["configurations"]["3d_fullres"]["smit"]["decoder"]  # plans.json of a run before the light decoder
+    plans_manager = PlansManager(plans)
+    net = nnUNetTrainerSMIT.build_network_architecture(plans_manager, plans_manager.get_configuration("3d_fullres"),
+                                                       1, 3, True)
+    assert type(net.decoder) is SMITDecoder
+
+
+def test_an_unknown_decoder_in_the_plans_is_one_sentence(nnunet_env, tiny_weights):
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    plans = json.loads(json.dumps(trainer.plans_manager.plans))
+    plans["configurations"]["3d_fullres"]["smit"]["decoder"] = "unet3000"
+    plans_manager = PlansManager(plans)
+    with pytest.raises(SMITError) as info:
+        nnUNetTrainerSMIT.build_network_architecture(plans_manager, plans_manager.get_configuration("3d_fullres"),
+                                                     1, 3, True)
+    message = str(info.value)
+    assert "'unet3000'" in message and "['light', 'smit']" in message and message.count(". ") == 0
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerSMITLight", "nnUNetTrainerSMITLight_64"])
+def test_smit_study_finds_the_scratch_twin_of_a_light_variant(name):
+    from nnunet_smit.study.study import find_trainer, scratch_trainer_name
+
+    trainer, twin = find_trainer(name), find_trainer(scratch_trainer_name(name))
+    assert trainer.require_pretrained_weights and not twin.require_pretrained_weights
+    assert (twin.decoder, twin.fixed_patch_size) == (trainer.decoder, trainer.fixed_patch_size)
