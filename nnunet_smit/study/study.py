@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -134,12 +134,28 @@ def find_trainer(name: str) -> type:
 
 
 def scratch_trainer_name(trainer: str) -> str:
-    """The random-init twin of a SMIT trainer: ``nnUNetTrainerSMIT_96`` -> ``nnUNetTrainerSMITScratch_96``."""
+    """The random-init twin of a SMIT trainer: ``nnUNetTrainerSMIT_96`` -> ``nnUNetTrainerSMITScratch_96``, and for a
+    named variant the one of the two spellings nnU-Net finds: ``nnUNetTrainerSMITLight_64`` ->
+    ``nnUNetTrainerSMITLightScratch_64`` (or ``nnUNetTrainerSMITScratchLight_64``)."""
     prefix = "nnUNetTrainerSMIT"
-    if not trainer.startswith(prefix) or trainer.startswith(prefix + "Scratch"):
+    if not trainer.startswith(prefix) or "Scratch" in trainer:
         raise SMITError(f"--trainer {trainer} has no Scratch twin; the scratch baseline needs a trainer named "
                         f"nnUNetTrainerSMIT<variant> with an nnUNetTrainerSMITScratch<variant> beside it.")
-    return prefix + "Scratch" + trainer[len(prefix):]
+    rest = trainer[len(prefix):]
+    variant, _, size = rest.partition("_")
+    candidates = [prefix + "Scratch" + rest]
+    if variant:  # nnUNetTrainerSMIT<Variant>[_<size>]: the variant's own Scratch class
+        candidates.insert(0, prefix + variant + "Scratch" + (f"_{size}" if size else ""))
+    for candidate in candidates:
+        if _trainer_class(candidate) is not None:
+            return candidate
+    return candidates[-1]
+
+
+def _trainer_class(name: str) -> Optional[type]:
+    from nnunet_smit import trainers
+
+    return getattr(trainers, name, None)
 
 
 def _arm_label(path: str, checkpoint: EncoderCheckpoint, taken: Sequence[str]) -> str:

@@ -154,3 +154,12 @@ def test_bad_input_on_a_planned_dataset_is_one_line(study, capsys, tmp_path, cha
     err = _one_line_error(capsys, args)
     assert message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_scratch_twin_of_each_smit_trainer():
+    from nnunet_smit.study.study import scratch_trainer_name
+
+    assert scratch_trainer_name("nnUNetTrainerSMIT") == "nnUNetTrainerSMITScratch"
+    assert scratch_trainer_name("nnUNetTrainerSMIT_96") == "nnUNetTrainerSMITScratch_96"
+    assert scratch_trainer_name("nnUNetTrainerSMITLight") == "nnUNetTrainerSMITLightScratch"
+    assert scratch_trainer_name("nnUNetTrainerSMITLight_64") == "nnUNetTrainerSMITLightScratch_64"
