@@ -6,7 +6,7 @@ authors).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -101,29 +101,34 @@ class OutBlock(nn.Module):
 class SMITDecoder(nn.Module):
     """Decoder of feature size F on the encoder's skips (F, 2F, 4F, 8F at 1/2..1/16) and bottleneck (16F at 1/32).
 
+    ``full_res_channels`` and ``half_res_channels`` (default F, the authors') set the widths at full and 1/2
+    resolution (:class:`~nnunet_smit.architectures.light_decoder.SMITLightDecoder` narrows them).
+
     Attributes:
         deep_supervision: when True, ``forward`` returns logits at [1, 1/2, 1/4, 1/8, 1/16] of the input size,
             highest resolution first (nnU-Net toggles this attribute). The deep-supervision heads exist either way.
     """
 
     def __init__(self, in_channels: int, feature_size: int, num_classes: int, norm: str = "instance",
-                 deep_supervision: bool = False) -> None:
+                 deep_supervision: bool = False, full_res_channels: Optional[int] = None,
+                 half_res_channels: Optional[int] = None) -> None:
         super().__init__()
         f = feature_size
+        c0, c1 = full_res_channels or f, half_res_channels or f
         self.deep_supervision = deep_supervision
-        self.encoder1 = EncoderBlock(in_channels, f, norm)
-        self.encoder2 = EncoderBlock(f, f, norm)
+        self.encoder1 = EncoderBlock(in_channels, c0, norm)
+        self.encoder2 = EncoderBlock(f, c1, norm)
         self.encoder3 = EncoderBlock(2 * f, 2 * f, norm)
         self.encoder4 = EncoderBlock(4 * f, 4 * f, norm)
         self.encoder10 = EncoderBlock(16 * f, 16 * f, norm)
         self.decoder5 = UpBlock(16 * f, 8 * f, norm)
         self.decoder4 = UpBlock(8 * f, 4 * f, norm)
         self.decoder3 = UpBlock(4 * f, 2 * f, norm)
-        self.decoder2 = UpBlock(2 * f, f, norm)
-        self.decoder1 = UpBlock(f, f, norm)
-        self.out = OutBlock(f, num_classes)
+        self.decoder2 = UpBlock(2 * f, c1, norm)
+        self.decoder1 = UpBlock(c1, c0, norm)
+        self.out = OutBlock(c0, num_classes)
         # Heads for decoder2..decoder5 outputs (1/2 .. 1/16).
-        self.ds_heads = nn.ModuleList(OutBlock(c, num_classes) for c in (f, 2 * f, 4 * f, 8 * f))
+        self.ds_heads = nn.ModuleList(OutBlock(c, num_classes) for c in (c1, 2 * f, 4 * f, 8 * f))
 
     def forward(self, x_in: torch.Tensor, features: Sequence[torch.Tensor], bottleneck: torch.Tensor
                 ) -> Union[torch.Tensor, List[torch.Tensor]]:
