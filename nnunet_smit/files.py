@@ -40,8 +40,9 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
 
 
-def remove_temporary_files(*folders: PathLike) -> List[Path]:
-    """Delete the temporary files a killed :func:`atomic_write` left in ``folders`` (not below them); returns them.
+def remove_temporary_files(*folders: PathLike, also: Optional[Callable[[str], bool]] = None) -> List[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folders`` (not below them), and files whose
+    name ``also`` accepts (an earlier version's temporary names); returns them.
 
     Only for a process that holds the folder (its :class:`FolderLock`): another writer's file in progress would go.
     """
@@ -49,7 +50,7 @@ def remove_temporary_files(*folders: PathLike) -> List[Path]:
     for folder in map(Path, folders):
         if folder.is_dir():
             for path in folder.iterdir():
-                if is_temporary(path.name) and path.is_file():
+                if (is_temporary(path.name) or (also is not None and also(path.name))) and path.is_file():
                     path.unlink(missing_ok=True)
                     removed.append(path)
     return removed

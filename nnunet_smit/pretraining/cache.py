@@ -76,7 +76,7 @@ import SimpleITK as sitk
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
-from nnunet_smit.files import FolderLock, atomic_write, describe_holder, is_temporary
+from nnunet_smit.files import FolderLock, atomic_write, describe_holder, remove_temporary_files
 from nnunet_smit.fingerprints import fingerprint_array, read_image
 from nnunet_smit.pretraining.discovery import Discovery, Source, discover_sources
 
@@ -254,17 +254,9 @@ def file_problem(path: Path, record: Dict[str, Any], verify: bool) -> Optional[s
     return None
 
 
-def _is_leftover(name: str) -> bool:
-    """Whether a file in a cache folder is a temporary file a killed build left (of this version or an earlier one)."""
-    return is_temporary(name) or name.startswith(_LEGACY_TMP_PREFIX)
-
-
 def _remove_leftovers(*folders: Path) -> None:
     """Remove the temporary files killed builds left in ``folders`` (only while no build writes there)."""
-    for folder in folders:
-        for path in folder.iterdir():
-            if _is_leftover(path.name) and not path.is_dir():
-                path.unlink(missing_ok=True)
+    remove_temporary_files(*folders, also=lambda name: name.startswith(_LEGACY_TMP_PREFIX))
 
 
 def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str, Any],
