@@ -5,8 +5,9 @@ SwinUNETR runs at feature size 48, PlainConvUNet with nnU-Net's 3d_fullres topol
 For each network and patch: forward time, forward+backward time, peak memory, FLOPs counted by
 ``torch.utils.flop_counter`` and the achieved FLOP rate; then ratios against the two baselines, measured
 side by side in this one run. Each (network, patch) runs in its own subprocess so peak memory is its own.
-``smit`` is SMITNet with the authors' decoder, ``smit_light`` the same encoder with ``decoder="light"``;
-``smit_light_ckpt`` (on request) adds the encoder's gradient checkpointing.
+``smit`` is SMITNet with the authors' decoder; ``smit_light`` the same encoder with ``decoder="light"`` and the
+encoder's gradient checkpointing, as ``nnUNetTrainerSMITLight`` trains it; ``smit_light_no_checkpointing`` (on
+request) the light network without checkpointing.
 
     python benchmarks/bench_network.py                      # CPU: smit_small at 96^3 and 128^3, fp32
     python benchmarks/bench_network.py --threads 1          # CPU shared with other jobs (see --threads)
@@ -28,7 +29,8 @@ from typing import Dict, List, Optional
 
 NETWORKS = ("smit", "smit_light", "swinunetr", "plainconvunet")  # the default run
 # SMITNet by benchmark name: (decoder, encoder gradient checkpointing)
-SMIT_NETWORKS = {"smit": ("smit", False), "smit_light": ("light", False), "smit_light_ckpt": ("light", True)}
+SMIT_NETWORKS = {"smit": ("smit", False), "smit_light": ("light", True),
+                 "smit_light_no_checkpointing": ("light", False)}
 NUM_CLASSES = 14
 # Peak dense bf16 matrix throughput of cards we may meet, for the "% of peak" figure; the first key found in the
 # device name counts, so variants come before their family (the SXM parts).
@@ -152,7 +154,7 @@ def main(argv: List[str] | None = None) -> int:
                         help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--preset", default="smit_small")
-    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS) + ["smit_light_ckpt"])
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(SMIT_NETWORKS) + list(NETWORKS[2:]))
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per case (default: torch's). On a CPU shared with other jobs, 1 "
                         "keeps the ratios fair: the encoder's many small operators wait at every multi-thread "
@@ -180,7 +182,7 @@ def main(argv: List[str] | None = None) -> int:
                 continue
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"{name:14s} {patch:4d}^3  fwd {r['forward_s']:8.3f} s  fwd+bwd {r['forward_backward_s']:8.3f} s  "
+            print(f"{name:27s} {patch:4d}^3  fwd {r['forward_s']:8.3f} s  fwd+bwd {r['forward_backward_s']:8.3f} s  "
                   f"peak {r['peak_memory_mb']:9.0f} MB  {r['gflops_forward_backward']:9.1f} GFLOP  "
                   f"{r['achieved_tflops_forward_backward'] * 1e3:8.1f} GFLOP/s", flush=True)
 

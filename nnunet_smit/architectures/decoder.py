@@ -6,7 +6,7 @@ authors).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -76,12 +76,15 @@ class TransposedConv(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """2x transposed conv, concatenate the skip (upsampled first), residual block (``decoderN``)."""
+    """2x transposed conv, concatenate the skip (upsampled first), residual block (``decoderN``).
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+    ``skip_channels`` defaults to ``out_channels`` (the authors' blocks); a narrower block on a wider skip sets it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, skip_channels: Optional[int] = None) -> None:
         super().__init__()
         self.transp_conv = TransposedConv(in_channels, out_channels)
-        self.conv_block = ResBlock(2 * out_channels, out_channels, norm)
+        self.conv_block = ResBlock(out_channels + (skip_channels or out_channels), out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
@@ -98,37 +101,49 @@ class OutBlock(nn.Module):
         return self.conv(x)
 
 
-class SMITDecoder(nn.Module):
-    """Decoder of feature size F on the encoder's skips (F, 2F, 4F, 8F at 1/2..1/16) and bottleneck (16F at 1/32).
+def authors_widths(feature_size: int) -> Tuple[int, int, int, int, int, int]:
+    """The authors' decoder widths from full resolution to 1/32: F, F, 2F, 4F, 8F, 16F (the encoder's own)."""
+    f = feature_size
+    return f, f, 2 * f, 4 * f, 8 * f, 16 * f
 
-    ``full_res_channels`` and ``half_res_channels`` (default F, the authors') set the widths at full and 1/2
-    resolution (:class:`~nnunet_smit.architectures.light_decoder.SMITLightDecoder` narrows them).
+
+class SMITDecoder(nn.Module):
+    """Decoder on the encoder's skips (F, 2F, 4F, 8F channels at 1/2..1/16) and bottleneck (16F at 1/32).
+
+    ``widths`` are the decoder's own channels from full resolution to 1/32 (default :func:`authors_widths`, the
+    authors' decoder, whose weights map one to one); each resolution's blocks and deep-supervision head run at its
+    width, and the skips enter at the encoder's widths (:class:`~nnunet_smit.architectures.light_decoder.
+    SMITLightDecoder` narrows the top two and caps the bottom two).
 
     Attributes:
         deep_supervision: when True, ``forward`` returns logits at [1, 1/2, 1/4, 1/8, 1/16] of the input size,
             highest resolution first (nnU-Net toggles this attribute). The deep-supervision heads exist either way.
+        widths: the six widths, full resolution first.
     """
 
     def __init__(self, in_channels: int, feature_size: int, num_classes: int, norm: str = "instance",
-                 deep_supervision: bool = False, full_res_channels: Optional[int] = None,
-                 half_res_channels: Optional[int] = None) -> None:
+                 deep_supervision: bool = False, widths: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         f = feature_size
-        c0, c1 = full_res_channels or f, half_res_channels or f
+        self.widths = tuple(int(w) for w in (widths or authors_widths(f)))
+        if len(self.widths) != 6 or min(self.widths) < 1:
+            raise ValueError(f"A SMIT decoder takes 6 positive widths (full resolution to 1/32), got {widths}.")
+        w0, w1, w2, w3, w4, w5 = self.widths
         self.deep_supervision = deep_supervision
-        self.encoder1 = EncoderBlock(in_channels, c0, norm)
-        self.encoder2 = EncoderBlock(f, c1, norm)
-        self.encoder3 = EncoderBlock(2 * f, 2 * f, norm)
-        self.encoder4 = EncoderBlock(4 * f, 4 * f, norm)
-        self.encoder10 = EncoderBlock(16 * f, 16 * f, norm)
-        self.decoder5 = UpBlock(16 * f, 8 * f, norm)
-        self.decoder4 = UpBlock(8 * f, 4 * f, norm)
-        self.decoder3 = UpBlock(4 * f, 2 * f, norm)
-        self.decoder2 = UpBlock(2 * f, c1, norm)
-        self.decoder1 = UpBlock(c1, c0, norm)
-        self.out = OutBlock(c0, num_classes)
+        # Blocks on the input and on the encoder's 1/2, 1/4, 1/8 outputs; the 1/16 output enters decoder5 as is.
+        self.encoder1 = EncoderBlock(in_channels, w0, norm)
+        self.encoder2 = EncoderBlock(f, w1, norm)
+        self.encoder3 = EncoderBlock(2 * f, w2, norm)
+        self.encoder4 = EncoderBlock(4 * f, w3, norm)
+        self.encoder10 = EncoderBlock(16 * f, w5, norm)
+        self.decoder5 = UpBlock(w5, w4, norm, skip_channels=8 * f)  # 1/16
+        self.decoder4 = UpBlock(w4, w3, norm)  # 1/8
+        self.decoder3 = UpBlock(w3, w2, norm)  # 1/4
+        self.decoder2 = UpBlock(w2, w1, norm)  # 1/2
+        self.decoder1 = UpBlock(w1, w0, norm)  # full resolution
+        self.out = OutBlock(w0, num_classes)
         # Heads for decoder2..decoder5 outputs (1/2 .. 1/16).
-        self.ds_heads = nn.ModuleList(OutBlock(c, num_classes) for c in (c1, 2 * f, 4 * f, 8 * f))
+        self.ds_heads = nn.ModuleList(OutBlock(c, num_classes) for c in (w1, w2, w3, w4))
 
     def forward(self, x_in: torch.Tensor, features: Sequence[torch.Tensor], bottleneck: torch.Tensor
                 ) -> Union[torch.Tensor, List[torch.Tensor]]:

@@ -96,6 +96,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
     fixed_patch_size: Optional[Tuple[int, int, int]] = None  # None: fit nnU-Net's planned patch
     decoder_norm: str = "instance"
     decoder: str = "smit"  # the authors' decoder; "light": SMITLightDecoder (nnUNetTrainerSMITLight)
+    gradient_checkpointing: bool = False  # the encoder recomputes its blocks in backward (the light variants)
     smit_initial_lr: float = 3e-4
     smit_weight_decay: float = 5e-2
     warmup_epochs: int = 50
@@ -191,6 +192,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
                 weights if cls.require_pretrained_weights else None,
                 decoder_norm=cls.decoder_norm,
                 decoder=cls.decoder,
+                gradient_checkpointing=cls.gradient_checkpointing,
             )
             if weights is not None and not cls.require_pretrained_weights:
                 notes.append(f"SMIT: random init; architecture and conventions taken from {weights_path}.")

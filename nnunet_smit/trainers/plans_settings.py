@@ -8,6 +8,7 @@ so the trainer writes everything the network needs into ``plans['configurations'
      "pretrain_preprocessing": PretrainPreprocessing.to_dict(),
      "decoder": "smit" (the authors') or "light" (absent in plans written before it existed: "smit"),
      "decoder_norm": "instance",
+     "gradient_checkpointing": recompute the encoder's blocks in backward (training memory; absent: false),
      "intensity_mapping": [per image channel: {"scheme", "mean", "std", "percentile_00_5", "percentile_99_5"}
                            for CTNormalization channels, else null],
      "patch_fit": {"planned_patch_size", "planned_batch_size", "patch_size", "batch_size"},
@@ -80,11 +81,13 @@ def make_settings(
     weights: Optional[Dict[str, str]],
     decoder_norm: str = "instance",
     decoder: str = DEFAULT_DECODER,
+    gradient_checkpointing: bool = False,
 ) -> Dict[str, Any]:
     """The JSON-able ``smit`` entry of a plans configuration (see the module docstring).
 
     ``decoder`` names SMITNet's decoder, ``"smit"`` (the authors') or ``"light"``; plans written before the key
-    existed hold none and mean ``"smit"``.
+    existed hold none and mean ``"smit"``. ``gradient_checkpointing`` makes the encoder recompute its blocks in
+    the backward pass: less training memory, the same weights and outputs (prediction runs without gradients).
     """
     return {
         "format_version": SETTINGS_FORMAT_VERSION,
@@ -92,6 +95,7 @@ def make_settings(
         "pretrain_preprocessing": preprocessing.to_dict(),
         "decoder": _known_decoder(decoder),
         "decoder_norm": decoder_norm,
+        "gradient_checkpointing": bool(gradient_checkpointing),
         "intensity_mapping": [dict(s) if s is not None else None for s in intensity_mapping],
         "patch_fit": {
             "planned_patch_size": list(patch_fit.planned_patch_size),
@@ -162,6 +166,7 @@ def build_network(
         deep_supervision=deep_supervision,
         input_mapping=build_intensity_mapping(settings, num_input_channels),
         decoder=_known_decoder(settings.get("decoder", DEFAULT_DECODER)),
+        gradient_checkpointing=bool(settings.get("gradient_checkpointing", False)),
     )
 
 

@@ -43,10 +43,13 @@ class nnUNetTrainerSMITScratch_128(nnUNetTrainerSMITScratch):
 
 
 class nnUNetTrainerSMITLight(nnUNetTrainerSMIT):
-    """The light decoder (SMITLightDecoder: 16 channels at full resolution, 32 at 1/2, half of nnU-Net's U-Net
-    there) on the pretrained encoder; the plans' ``smit`` entry says ``"decoder": "light"`` for prediction."""
+    """The light decoder (SMITLightDecoder: 16 channels at full resolution, 32 at 1/2, at most 320 at 1/16 and
+    1/32, as nnU-Net's U-Net) on the pretrained encoder, with the encoder's gradient checkpointing, so a step
+    takes less time and memory than nnU-Net's default U-Net (docs/performance.md). The plans' ``smit`` entry says
+    ``"decoder": "light"`` for prediction."""
 
     decoder = "light"
+    gradient_checkpointing = True
 
 
 class nnUNetTrainerSMITLightScratch(nnUNetTrainerSMITScratch):
@@ -54,6 +57,7 @@ class nnUNetTrainerSMITLightScratch(nnUNetTrainerSMITScratch):
     smit_study derives for the scratch arm of nnUNetTrainerSMIT<Variant>[_<size>])."""
 
     decoder = "light"
+    gradient_checkpointing = True
 
 
 class nnUNetTrainerSMITLight_64(nnUNetTrainerSMITLight):

@@ -377,13 +377,15 @@ def test_light_variants_write_the_light_decoder_and_prediction_rebuilds_it_from_
     from nnunet_smit.architectures import SMITLightDecoder
 
     trainer = make_trainer(getattr(trainers, name), make_plans())
-    assert trainer.configuration_manager.configuration["smit"]["decoder"] == "light"
+    settings = trainer.configuration_manager.configuration["smit"]
+    assert settings["decoder"] == "light" and settings["gradient_checkpointing"] is True
     trained = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3, True)
     # what nnUNetv2_predict does: plans.json from disk, the static method on the class, no trainer instance
     plans_manager = PlansManager(json.loads(json.dumps(trainer.plans_manager.plans)))
     cm = plans_manager.get_configuration("3d_fullres")
     rebuilt = getattr(trainers, name).build_network_architecture(plans_manager, cm, 1, 3, False)
     assert isinstance(trained.decoder, SMITLightDecoder) and isinstance(rebuilt.decoder, SMITLightDecoder)
+    assert all(stage.gradient_checkpointing for net in (trained, rebuilt) for stage in net.encoder.layers)
     shapes = {k: v.shape for k, v in trained.state_dict().items()}
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
     rebuilt.load_state_dict(trained.state_dict())  # strict: prediction loads the trained checkpoint
@@ -400,12 +402,14 @@ def test_the_default_trainer_writes_the_authors_decoder_and_plans_without_the_ke
 
     trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
     plans = json.loads(json.dumps(trainer.plans_manager.plans))
-    assert plans["configurations"]["3d_fullres"]["smit"]["decoder"] == "smit"
-    del plans["configurations"]["3d_fullres"]["smit"]["decoder"]  # plans.json of a run before the light decoder
+    settings = plans["configurations"]["3d_fullres"]["smit"]
+    assert settings["decoder"] == "smit" and settings["gradient_checkpointing"] is False
+    del settings["decoder"], settings["gradient_checkpointing"]  # plans.json of a run before the light decoder
     plans_manager = PlansManager(plans)
     net = nnUNetTrainerSMIT.build_network_architecture(plans_manager, plans_manager.get_configuration("3d_fullres"),
                                                        1, 3, True)
     assert type(net.decoder) is SMITDecoder
+    assert not any(stage.gradient_checkpointing for stage in net.encoder.layers)
 
 
 def test_an_unknown_decoder_in_the_plans_is_one_sentence(nnunet_env, tiny_weights):
@@ -426,4 +430,5 @@ def test_smit_study_finds_the_scratch_twin_of_a_light_variant(name):
 
     trainer, twin = find_trainer(name), find_trainer(scratch_trainer_name(name))
     assert trainer.require_pretrained_weights and not twin.require_pretrained_weights
-    assert (twin.decoder, twin.fixed_patch_size) == (trainer.decoder, trainer.fixed_patch_size)
+    assert (twin.decoder, twin.fixed_patch_size, twin.gradient_checkpointing) == (
+        trainer.decoder, trainer.fixed_patch_size, trainer.gradient_checkpointing)
