@@ -2,9 +2,9 @@
 
 The authors' decoder (:class:`~nnunet_smit.architectures.decoder.SMITDecoder`) runs its full- and 1/2-resolution
 stages at F = 48 channels (F = the encoder's embed dim) and its 1/16 and 1/32 stages at 8F = 384 and 16F = 768.
-The top two are about 95% of smit_small's arithmetic on a 96^3 patch, while the pretrained encoder is under 5%;
-the bottom two hold 46 of its 63 M parameters (the 1/32 block alone 32 M) for almost no arithmetic. All of that is
-randomly initialised. This decoder keeps the same block types, module names and deep-supervision outputs and sizes
+The decoder is 95% of smit_small's arithmetic on a 96^3 patch (its two full-resolution blocks alone 74%), the
+pretrained encoder under 5%; the 1/16 and 1/32 stages hold 46 of the network's 63 M parameters (the 1/32 block
+alone 32 M) for almost no arithmetic. All of that is randomly initialised. This decoder keeps the same block types, module names and deep-supervision outputs and sizes
 the stages the way nnU-Net sizes its U-Net:
 
 - full and 1/2 resolution: ``full_res_channels`` and ``half_res_channels`` (16 and 32, half of nnU-Net's U-Net
