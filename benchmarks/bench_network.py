@@ -156,7 +156,7 @@ def main(argv: List[str] | None = None) -> int:
                         help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--preset", default="smit_small")
-    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(SMIT_NETWORKS) + list(NETWORKS[2:]))
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(SMIT_NETWORKS) + [n for n in NETWORKS if n not in SMIT_NETWORKS])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per case (default: torch's). On a CPU shared with other jobs, 1 "
                         "keeps the ratios fair: the encoder's many small operators wait at every multi-thread "
