@@ -1,7 +1,9 @@
 """Files that survive a crash: writes a reader never sees half-done, and locks a dead process cannot keep.
 
 Every writer of the project (checkpoints, the preprocessed cache, logs' summaries, study reports) goes through
-:func:`atomic_write`; one process at a time per run folder or cache build through :class:`FolderLock`.
+:func:`atomic_write`; one process at a time per run folder or cache build through :class:`FolderLock`. A write that
+fails because the disk is full is told apart from a broken file (:func:`is_out_of_space`), and a JSON file a user
+may have edited or truncated is read by :func:`read_json`, which says in one line what is wrong with it.
 """
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 
     The file's data is flushed (fsync) before the rename and the folder's entry after it, so that after a crash or
     a power loss ``path`` holds either the old file or the complete new one, never a partial file.
+
+    Raises:
+        OSError: with ``errno.ENOSPC`` when the disk is full, also where the library writing (torch, blosc2) raised
+            its own RuntimeError, which does not say why (:func:`is_out_of_space` tells while the partial file is
+            still there); any other error of ``write`` as it was raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +77,12 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     finally:
         os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as error:
+            if not isinstance(error, OSError) and is_out_of_space(error, path.parent):
+                raise out_of_space_error(path) from error
+            raise
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -93,6 +105,114 @@ def _fsync_folder(folder: Path) -> None:
     finally:
         os.close(fd)
 
+
+# ---------------------------------------------------------------------------------------------- a full disk
+
+_OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save and blosc2 report a failed write as a RuntimeError that does not say why: "[enforce fail at
+# inline_container.cc:672] . unexpected pos 576 vs 534", "PytorchStreamWriter failed writing file data/0: file write
+# failed", "Error while creating the NDArray". A write of this size into the folder tells whether the disk is full.
+_PROBE_BYTES = 1 << 20
+
+
+def is_out_of_space(error: BaseException, folder: Optional[PathLike] = None) -> bool:
+    """Whether ``error`` means that the disk (or the user's quota) is full.
+
+    True for an ``OSError`` with ``ENOSPC`` or ``EDQUOT`` anywhere in the chain of causes, and for an error whose
+    message carries those errors' text ("No space left on device", "Disk quota exceeded"). A library's own error
+    that names no cause (torch's and blosc2's, see above) counts when ``folder`` is given and a probe write of 1 MiB
+    into it fails with ENOSPC or EDQUOT: call this before removing the partial file the failed write left, since
+    removing it frees the space again.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _OUT_OF_SPACE_ERRNOS:
+            return True
+        if any(os.strerror(code) in str(seen) for code in _OUT_OF_SPACE_ERRNOS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if folder is None or isinstance(error, OSError):
+        return False
+    return not _has_room(Path(folder))
+
+
+def _has_room(folder: Path) -> bool:
+    """Whether 1 MiB more fits in ``folder`` (written, flushed and removed); True when the probe fails otherwise."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".space-probe.", suffix=TEMPORARY_SUFFIX, dir=folder)
+    except OSError as error:
+        return error.errno not in _OUT_OF_SPACE_ERRNOS
+    try:
+        os.write(fd, bytes(_PROBE_BYTES))
+        os.fsync(fd)
+    except OSError as error:
+        return error.errno not in _OUT_OF_SPACE_ERRNOS
+    finally:
+        os.close(fd)
+        os.remove(probe)
+    return True
+
+
+def out_of_space_error(path: PathLike) -> OSError:
+    """The ``OSError`` (ENOSPC, "No space left on device") of a write to ``path`` that found the disk full."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+
+
+def out_of_space_message(folder: PathLike, kept: str, rerun: str) -> str:
+    """One line for work stopped by a full disk: where, what is kept, what to do.
+
+    Example: ``out_of_space_message(cache, "the 12 scans cached so far are kept", "the same command to cache the
+    other 3")`` gives "no space left on the device of CACHE; the 12 scans cached so far are kept. Free space there
+    and rerun the same command to cache the other 3."
+    """
+    return f"no space left on the device of {folder}; {kept}. Free space there and rerun {rerun}."
+
+
+# ---------------------------------------------------------------------------------------------- JSON a user may edit
+
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+                    bool: "true or false", type(None): "null"}
+
+
+def read_json(path: PathLike, what: str, expected: type = dict, remedy: str = "fix or delete it") -> Any:
+    """The JSON value in ``path``, which must be of type ``expected`` (``dict``: an object, ``list``: an array).
+
+    Args:
+        what: what the file is, for the message ("the nnU-Net plans", "the splits file").
+        remedy: what to do about a bad file, the end of the message ("rerun nnUNetv2_plan_and_preprocess -d 3").
+
+    Raises:
+        SMITError: one line naming ``what`` and ``path`` for a missing or unreadable file, a file that is not UTF-8
+            text (binary, damaged), that is empty, truncated or otherwise not JSON (with the line and column), or whose
+            top-level value is of another type.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SMITError(f"{what} {path} does not exist; {remedy}.") from None
+    except OSError as error:
+        raise SMITError(f"{what} {path} cannot be read ({error.strerror or error}); {remedy}.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SMITError(f"{what} {path} is not text (byte {error.start} is not UTF-8: a binary or damaged file); "
+                        f"{remedy}.") from None
+    if not text.strip():
+        raise SMITError(f"{what} {path} is empty (an interrupted write?); {remedy}.")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SMITError(f"{what} {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}: "
+                        f"a truncated or hand-edited file?); {remedy}.") from None
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        found = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+        wanted = _JSON_TYPE_NAMES.get(expected, expected.__name__)
+        raise SMITError(f"{what} {path} holds {found} where {wanted} is expected; {remedy}.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- locks
 
 class FolderBusy(SMITError):
     """Another live process holds the lock; ``holder`` says which (host, pid, since, what)."""

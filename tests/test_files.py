@@ -1,5 +1,8 @@
-"""atomic_write: the whole new file or the old one, never a partial file, with the permissions open() gives; FolderLock:
-one holder at a time, and a dead holder never blocks the next one."""
+"""atomic_write: the whole new file or the old one, never a partial file, with the permissions open() gives, and a full
+disk reported as one (also where torch or blosc2 do not say so); FolderLock: one holder at a time, and a dead holder
+never blocks the next one; read_json: one line for every way a JSON file can be broken."""
+import errno
+import json
 import os
 import signal
 import socket
@@ -9,9 +12,15 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 
-from nnunet_smit.files import FolderBusy, FolderLock, atomic_write, is_temporary
+from nnunet_smit import files
+from nnunet_smit.errors import SMITError
+from nnunet_smit.files import (FolderBusy, FolderLock, atomic_write, is_out_of_space, is_temporary,
+                               out_of_space_message, read_json)
+from tests.disk_support import small_disk
 
 
 def test_the_file_is_replaced_whole_and_no_temporary_file_stays(tmp_path):
@@ -103,3 +112,96 @@ def test_two_locks_in_one_process_exclude_each_other_and_a_waiter_gets_it_after_
     thread.join(10)
     assert second.held
     second.release()
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # as torch 2.x says it
+BLOSC2_FULL_DISK = "Error while creating the NDArray"
+
+
+def test_a_full_disk_is_known_by_errno_by_message_and_through_causes(tmp_path):
+    assert is_out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_out_of_space(RuntimeError("PytorchStreamWriter failed: No space left on device"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("file write failed") from cause
+    except RuntimeError as chained:
+        assert is_out_of_space(chained)
+    assert not is_out_of_space(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    # torch's and blosc2's own errors name no cause: with room left in the folder they are something else
+    assert not is_out_of_space(RuntimeError(TORCH_FULL_DISK))
+    assert not is_out_of_space(RuntimeError(TORCH_FULL_DISK), tmp_path)
+    assert os.listdir(tmp_path) == []  # the probe leaves nothing
+    assert out_of_space_message("/cache", "the 2 scans cached so far are kept", "the same command") == (
+        "no space left on the device of /cache; the 2 scans cached so far are kept. Free space there and rerun the "
+        "same command.")
+
+
+@pytest.mark.parametrize("message", [TORCH_FULL_DISK, BLOSC2_FULL_DISK])
+def test_a_library_error_on_a_full_disk_becomes_enospc_and_the_old_file_stays(tmp_path, monkeypatch, message):
+    """Without root (no tmpfs): the library's error as it raises it, and a disk on which 1 MiB no longer fits."""
+    target = tmp_path / "checkpoint_latest.pt"
+    target.write_text("old")
+
+    def fails_like_the_library(tmp):
+        open(tmp, "wb").write(b"partial")
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(files, "_has_room", lambda folder: False)
+    with pytest.raises(OSError) as failed:
+        atomic_write(target, fails_like_the_library)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(target)
+    assert str(failed.value.__cause__) == message
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["checkpoint_latest.pt"]
+    monkeypatch.setattr(files, "_has_room", lambda folder: True)
+    with pytest.raises(RuntimeError, match="unexpected pos|NDArray"):  # room left: the library's error as it was
+        atomic_write(target, fails_like_the_library)
+
+
+def test_torch_and_blosc2_filling_a_real_disk_raise_enospc_and_keep_the_old_file(tmp_path):
+    import blosc2
+
+    with small_disk(tmp_path / "disk", 2 << 20) as disk:
+        target = disk.path / "state.pt"
+        atomic_write(target, lambda tmp: torch.save({"step": 1}, tmp))
+        noise = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)  # 4 MiB, incompressible
+        writers = {"torch": lambda tmp: torch.save({"step": 2, "weights": torch.from_numpy(noise)}, tmp),
+                   "blosc2": lambda tmp: blosc2.asarray(noise, urlpath=tmp, mode="w")}
+        for name, write in writers.items():
+            with pytest.raises(OSError) as failed:
+                atomic_write(target, write)
+            assert failed.value.errno == errno.ENOSPC, name
+            assert torch.load(target, weights_only=True) == {"step": 1}
+            assert sorted(os.listdir(disk.path)) == ["state.pt"]
+
+
+# ------------------------------------------------------------------------------------------------ read_json
+
+@pytest.mark.parametrize("content, expected, says", [
+    (None, dict, "does not exist"),
+    (b"", dict, "is empty (an interrupted write?)"),
+    (b'{"configurations": {"3d_fullres": ', dict, "is not valid JSON (Expecting value at line 1, column 35: a "
+                                                   "truncated or hand-edited file?)"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", dict, "is not text (byte 0 is not UTF-8: a binary or damaged file)"),
+    (b"[1, 2, 3]", dict, "holds an array where an object is expected"),
+    (b'{"a": 1}', list, "holds an object where an array is expected"),
+    (b"true", dict, "holds true or false where an object is expected"),
+])
+def test_a_broken_json_file_is_one_line_naming_it_and_what_to_do(tmp_path, content, expected, says):
+    path = tmp_path / "plans.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SMITError) as failed:
+        read_json(path, "the nnU-Net plans", expected, remedy="run nnUNetv2_plan_and_preprocess -d 3")
+    assert str(failed.value) == f"the nnU-Net plans {path} {says}; run nnUNetv2_plan_and_preprocess -d 3."
+
+
+def test_a_good_json_file_is_read_as_it_is(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"plans_name": "nnUNetPlans", "é": [1]}), encoding="utf-8")
+    assert read_json(tmp_path / "a.json", "the plans") == {"plans_name": "nnUNetPlans", "é": [1]}
+    (tmp_path / "b.json").write_text("[]")
+    assert read_json(tmp_path / "b.json", "the splits", list) == []
