@@ -81,6 +81,7 @@ setup(
         "batchgenerators>=0.25",
         "batchgeneratorsv2>=0.3",
         "SimpleITK>=2.2",
+        "nibabel",  # the values a NIfTI file stores (SimpleITK reads NaN as 0); nnU-Net installs it too
         "einops>=0.6",
         "safetensors>=0.4",
         "numpy",

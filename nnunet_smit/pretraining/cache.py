@@ -6,7 +6,9 @@ Per scan (see :func:`preprocess_ct`):
    (z, y, x), the spacing is reversed to match and made positive, nothing is reoriented. Pretrained filters
    therefore meet the same anatomy layout as at fine-tuning.
 2. Reject arrays that cannot be CT in HU: non-finite values (corrupt files), no negative value (label maps,
-   unscaled scans).
+   unscaled scans). Non-finite values are looked for in what the file stores too: SimpleITK's NIfTI reader turns
+   NaN and infinity into 0 (:mod:`nnunet_smit.pretraining.nifti_values`). Scans stored as int8, or uint8 without a
+   rescale, are reported by discovery (:mod:`nnunet_smit.pretraining.discovery`).
 3. Body crop: voxels above -500 HU, largest 26-connected component, its bounding box. nnU-Net's
    ``crop_to_nonzero`` does not apply because CT air is -1000, not 0; the largest component drops the table,
    clothing and cables. The component is found on a view strided to about 4 mm and its box widened by one
@@ -43,6 +45,8 @@ renamed into place); a killed build leaves only temporary files, which the next 
 ones of earlier versions), and it recomputes only cases without a record.
 SIGINT or SIGTERM stops a build (:class:`CacheBuildInterrupted`): no new scan is started, and the scans being
 preprocessed are finished unless the workers got the signal too (or a second one comes).
+A full disk stops a build too (SMITError, one line): the scan that found no room is not written off as unusable (it
+gets no record), the scans done so far are kept, and the rerun after freeing space preprocesses the others.
 
 One build per cache folder at a time: a build holds the folder's lock, and a second one (another run sharing
 ``--cache_dir``) waits for it, then finds those scans cached. Runs that only read use the manifest, which lists
@@ -76,9 +80,11 @@ import SimpleITK as sitk
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
-from nnunet_smit.files import FolderLock, atomic_write, describe_holder, remove_temporary_files
+from nnunet_smit.files import (FolderLock, atomic_write, describe_holder, is_out_of_space, out_of_space_message,
+                               remove_temporary_files)
 from nnunet_smit.fingerprints import fingerprint_array, read_image
 from nnunet_smit.pretraining.discovery import Discovery, Source, discover_sources
+from nnunet_smit.pretraining.nifti_values import count_non_finite_stored, is_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,9 @@ class CaseSkipped(Exception):
     """A scan that was read but is not usable; the message is the reason."""
 
 
+NON_FINITE_REASON = "voxels that are not finite numbers (NaN or infinity): a corrupt scan"
+
+
 # ---------------------------------------------------------------------------------------------- preprocessing
 
 def read_ct(source: Source) -> Tuple[np.ndarray, Tuple[float, float, float]]:
@@ -124,12 +133,18 @@ def read_ct(source: Source) -> Tuple[np.ndarray, Tuple[float, float, float]]:
 
     The file or DICOM series is read by :func:`nnunet_smit.fingerprints.read_image`, the rule scan fingerprints
     are defined by.
+
+    Raises:
+        CaseSkipped: not a 3D scalar image, or a NIfTI file that stores NaN or infinity (which SimpleITK reads as 0).
     """
     image = read_image(source.paths)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseSkipped(f"{image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} "
                           f"components, a 3D scalar CT volume is expected")
-    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if len(source.paths) == 1 and is_nifti(source.paths[0]) and count_non_finite_stored(source.paths[0]):
+        raise CaseSkipped(NON_FINITE_REASON)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range turns into infinity, reported as such
+        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     spacing = tuple(abs(float(s)) for s in image.GetSpacing()[::-1])
     return array, spacing
 
@@ -177,7 +192,7 @@ def preprocess_ct(hu: np.ndarray, spacing: Sequence[float],
                                                                       resample_data_or_seg_to_shape)
 
     if hu.size and not np.isfinite(hu).all():
-        raise CaseSkipped("voxels that are not finite numbers (NaN or infinity): a corrupt scan")
+        raise CaseSkipped(NON_FINITE_REASON)
     if hu.size == 0 or float(hu.min()) >= 0:
         raise CaseSkipped("no negative value: not a CT in Hounsfield units (a label map or an unscaled scan?)")
     if preprocessing.foreground_crop:
@@ -291,6 +306,8 @@ def _process_source(source: Source, cases_dir: str, preprocessing_dict: Dict[str
         _write_json(cases / f"{source.id}.json", record)
         return record
     except Exception as e:  # noqa: BLE001 - e.g. out of memory on one huge scan: report it, keep building
+        if is_out_of_space(e, cases):  # not the scan's fault: the build stops, and without a record a rerun caches it
+            raise
         record.update(status="error", reason=f"preprocessing failed ({type(e).__name__}: {e})"[:300])
         return record
     record.update(status="ok", cached_shape=list(array.shape),
@@ -414,11 +431,15 @@ def _build(source_roots: List[str], cache: Path, preprocessing: PretrainPreproce
             records.update(_fingerprint_old_records(unfingerprinted, cases, preprocessing, min_shape, num_workers,
                                                     progress))
             records.update(_run(todo, cases, preprocessing, min_shape, num_workers, progress))
+        usable, skipped = _usable_and_skipped(discovery, records, preprocessing, min_shape)
+        _write_skipped_and_manifest(cache, preprocessing, source_roots, min_shape, usable, skipped,
+                                    found_anything=bool(discovery.sources or discovery.skipped))
     except KeyboardInterrupt:
         raise _interrupted(cache, discovery.sources) from None
-    usable, skipped = _usable_and_skipped(discovery, records, preprocessing, min_shape)
-    _write_skipped_and_manifest(cache, preprocessing, source_roots, min_shape, usable, skipped,
-                                found_anything=bool(discovery.sources or discovery.skipped))
+    except Exception as error:
+        if is_out_of_space(error):
+            raise _out_of_space(cache, discovery.sources) from None
+        raise
     return CacheIndex.open(cache)
 
 
@@ -519,6 +540,14 @@ def _interrupted(cache: Path, sources: Sequence[Source]) -> CacheBuildInterrupte
         f"rerun the same command to preprocess the other {len(sources) - done} and go on.")
 
 
+def _out_of_space(cache: Path, sources: Sequence[Source]) -> SMITError:
+    """The error of a build the full disk stopped: the scans done so far are kept, and a rerun goes on."""
+    done = sum(_load_record(cache / _CASES, source.id) is not None for source in sources)
+    return SMITError("cache build stopped: " + out_of_space_message(
+        cache, f"the {done} of the {len(sources)} scans preprocessed so far are kept",
+        f"the same command to preprocess the other {len(sources) - done}"))
+
+
 def _usable_and_skipped(discovery: Discovery, records: Dict[str, Dict[str, Any]],
                         preprocessing: PretrainPreprocessing, min_shape: Tuple[int, int, int]
                         ) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str]]]:
@@ -558,7 +587,30 @@ def _write_skipped_and_manifest(cache: Path, preprocessing: PretrainPreprocessin
     manifest = {**_normalise_json(_settings(preprocessing)), "complete": True, "source_dirs": source_roots,
                 "min_shape": list(min_shape), "cases": usable}
     _write_json(cache / _MANIFEST, manifest)
-    logger.info("cache %s: %d cases usable, %d skipped", cache, len(usable), len(skipped))
+    logger.info("cache %s: %d cases usable, %s", cache, len(usable), describe_skipped(skipped, cache / _SKIPPED))
+
+
+def describe_skipped(skipped: Sequence[Tuple[str, str]], report: Path, most: int = 3) -> str:
+    """"N skipped (reasons in REPORT; most often: "reason" (n), ...)" with the ``most`` commonest kinds of reason,
+    or "0 skipped"."""
+    if not skipped:
+        return "0 skipped"
+    kinds = Counter(_reason_kind(reason) for _, reason in skipped).most_common(most)
+    commonest = ", ".join(f'"{kind}" ({count})' for kind, count in kinds)
+    return f"{len(skipped)} skipped (reasons in {report}; most often: {commonest})"
+
+
+def _reason_kind(reason: str) -> str:
+    """A skip reason without what is particular to one file: a DICOM series' name, details after ": " or " (".
+
+    "DICOM series 1.2.3 (20 files): modality MR, not CT" -> "modality MR, not CT";
+    "unreadable image file (ITK: ...)" -> "unreadable image file"; "too small after preprocessing: ..." -> "too small
+    after preprocessing".
+    """
+    if reason.startswith("DICOM series ") and "): " in reason:
+        reason = reason.split("): ", 1)[1]
+    cuts = [i for i in (reason.find(": "), reason.find(" (")) if i > 0]
+    return reason[:min(cuts)] if cuts else reason
 
 
 @contextlib.contextmanager
@@ -711,6 +763,9 @@ def _run_pool(sources: List[Source], workers: int, nthreads: int, process: Calla
                 except BrokenProcessPool:
                     unfinished.append(source)
                     continue
+                except BaseException:  # a full disk: the scans in progress finish, no new one starts
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
                 bar.update()
     if stop.is_set():
         logger.warning("interrupted: no new scan is started; waiting for the scans in progress (interrupt again to "

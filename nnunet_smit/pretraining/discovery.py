@@ -6,6 +6,10 @@ reason. Voxel-level checks (body found, size after resampling) happen when the c
 Rules:
 - ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` files are single 3D images; a header that cannot
   be read, a 2D image, a 4D image or a multi-component (vector/RGB) image is reported.
+- A scan (file or DICOM series) whose voxels are stored in a type that cannot hold CT values in HU is reported:
+  int8 (-128 to 127: the values were wrapped or clipped when it was written), and uint8 without a rescale slope and
+  intercept (0 to 255: a mask or a screenshot). The type is the one SimpleITK reads into, which is float or int16
+  where the header carries a rescale (NIfTI ``scl_slope``/``scl_inter``, DICOM RescaleSlope/RescaleIntercept).
   ``.raw``/``.zraw`` files are the voxel data of a MetaImage/NRRD header and are neither used nor reported.
 - Any other file is a DICOM candidate. Each directory is grouped by SeriesInstanceUID with GDCM (one series
   never spans directories); a series is used when its Modality (0008|0060) is CT, its ImageType (0008|0008)
@@ -56,6 +60,14 @@ _TAG_IMAGE_TYPE = "0008|0008"
 _TAG_POSITION = "0020|0032"
 _TAG_ORIENTATION = "0020|0037"
 _LOCALISER_WORDS = ("LOCALIZER", "LOCALISER", "SCOUT", "TOPOGRAM")
+# Pixel types that cannot hold CT values in HU (-1024 to about 3000), as SimpleITK reads them: a rescale in the
+# header (NIfTI scl_slope/scl_inter, DICOM RescaleSlope/RescaleIntercept) makes SimpleITK read float or int16 instead.
+_TYPES_WITHOUT_HU = {
+    sitk.sitkInt8: "voxels stored as int8 (-128 to 127), which cannot hold CT values in HU: they were wrapped or "
+                   "clipped when the file was written",
+    sitk.sitkUInt8: "voxels stored as uint8 (0 to 255) without a rescale slope and intercept, which cannot hold CT "
+                    "values in HU (a mask or a screenshot?)",
+}
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,7 @@ def _check_image_header(path: str) -> Optional[str]:
         return f"{dimension}D image, a 3D CT volume is expected"
     if reader.GetNumberOfComponents() != 1:
         return f"{reader.GetNumberOfComponents()}-component (vector/RGB) image, a scalar CT volume is expected"
-    return None
+    return _TYPES_WITHOUT_HU.get(reader.GetPixelID())
 
 
 def _scan_dicom(
@@ -283,6 +295,8 @@ def _check_dicom_series(files: List[str], min_slices: int, rtol: float,
             image_type = tags.get(_TAG_IMAGE_TYPE, "").upper()
             if any(word in image_type for word in _LOCALISER_WORDS):
                 return files, f"localiser (ImageType {image_type})"
+            if reader.GetPixelID() in _TYPES_WITHOUT_HU:
+                return files, _TYPES_WITHOUT_HU[reader.GetPixelID()]
     if len(files) == 1:
         # One multi-frame file: GDCM/ITK assemble and space its frames.
         size = headers[0][1]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
@@ -265,7 +266,7 @@ def test_corrupt_values_and_implausible_spacing_are_skipped_with_their_reason(tm
     write_image(raw / "ct.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
     with_nan = body_volume((20, 40, 40), dtype=np.float32)
     with_nan[10, 20, 20] = np.nan  # one voxel would make every loss of a batch holding it NaN
-    write_image(raw / "nan.mha", with_nan, (2.0, 1.0, 1.0))  # (SimpleITK's NIfTI reader turns NaN into 0)
+    write_image(raw / "nan.mha", with_nan, (2.0, 1.0, 1.0))
     # 40 mm voxels: a 2 m body box on every axis, which 2 mm resampling would turn into 10^9 voxels
     write_image(raw / "coarse.nii.gz", body_volume((54, 54, 54)), (40.0, 40.0, 40.0))
     index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
@@ -275,6 +276,73 @@ def test_corrupt_values_and_implausible_spacing_are_skipped_with_their_reason(tm
     assert reasons["coarse.nii.gz"] == ("body box of 2000 x 2000 x 2000 mm, larger than any patient: the spacing in "
                                         "the header (40, 40, 40) mm is implausible")
     assert not list((tmp_path / "cache" / "cases").glob("coarse*.b2nd"))
+
+
+def write_nifti(path: Path, array: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> Path:
+    """A NIfTI file of ``array`` (z, y, x) written as stored, with ``scl_slope``/``scl_inter`` as given (nibabel
+    refuses an infinite slope; a huge one overflows float32 too)."""
+    import nibabel
+
+    image = nibabel.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), np.diag([1.0, 1.0, 2.0, 1.0]))
+    image.header.set_slope_inter(slope, inter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(image, str(path))
+    return path
+
+
+def unusable_values_folder(raw: Path) -> dict:
+    """One good scan, one usable uint8 scan with a rescale, and a scan of every kind of values that are not CT in HU
+    (non-finite in every format, through a cast or a rescale, types that cannot hold HU); {file name: reason}."""
+    write_image(raw / "ct.nii.gz", body_volume((20, 40, 40)), (2.0, 1.0, 1.0))
+    hu = body_volume((20, 40, 40), dtype=np.float32)
+    write_nifti(raw / "rescaled_uint8.nii.gz", ((hu + 1024) / 8).astype(np.uint8), slope=8.0, inter=-1024.0)
+    non_finite = cache_module.NON_FINITE_REASON
+    reasons = {}
+    for name, value in (("nan.nii.gz", np.nan), ("inf.nii", np.inf), ("nan.nrrd", np.nan), ("inf.mha", -np.inf)):
+        bad = hu.copy()
+        bad[10, 20, 20] = value
+        write_image(raw / name, bad, (2.0, 1.0, 1.0))
+        reasons[name] = non_finite
+    beyond_float32 = hu.astype(np.float64)
+    beyond_float32[10, 20, 20] = 1e300  # finite in the file, infinity once read as float32
+    write_image(raw / "float64.nii.gz", beyond_float32, (2.0, 1.0, 1.0))
+    write_nifti(raw / "overflowing_slope.nii", body_volume((20, 40, 40)), slope=1e38)
+    reasons.update({"float64.nii.gz": non_finite, "overflowing_slope.nii": non_finite})
+    wrapped = body_volume((20, 40, 40), dtype=np.int16).astype(np.int8)  # -1000 HU wrapped into 24
+    write_image(raw / "int8.nii.gz", wrapped, (2.0, 1.0, 1.0))
+    write_image(raw / "uint8.nrrd", (hu > 0).astype(np.uint8), (2.0, 1.0, 1.0))
+    reasons["int8.nii.gz"] = ("voxels stored as int8 (-128 to 127), which cannot hold CT values in HU: they were "
+                              "wrapped or clipped when the file was written")
+    reasons["uint8.nrrd"] = ("voxels stored as uint8 (0 to 255) without a rescale slope and intercept, which cannot "
+                             "hold CT values in HU (a mask or a screenshot?)")
+    return reasons
+
+
+def test_non_finite_voxels_are_found_whatever_the_format_and_types_that_cannot_hold_hu_are_skipped(tmp_path):
+    raw = tmp_path / "raw"
+    expected = unusable_values_folder(raw)
+    # What SimpleITK returns hides the NIfTI ones: its NIfTI reader turns NaN and infinity into 0.
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "nan.nii.gz")))).all()
+    index = build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    assert sorted(Path(index.case(c)["source"]).name for c in index.case_ids) == ["ct.nii.gz", "rescaled_uint8.nii.gz"]
+    assert {Path(path).name: reason for path, reason in index.skipped} == expected
+    on_disk = json.loads((tmp_path / "cache" / "skipped.json").read_text())
+    assert {Path(item["path"]).name: item["reason"] for item in on_disk} == expected
+    np.testing.assert_allclose(*(index.load(c) for c in index.case_ids), atol=2e-3)  # 8 HU steps: the same scan
+
+
+def test_the_build_log_names_the_skipped_report_and_the_three_commonest_reasons(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    unusable_values_folder(raw)
+    for i in range(2):
+        (raw / f"notes_{i}.txt").write_text("not an image")
+    with caplog.at_level("INFO", logger="nnunet_smit.pretraining.cache"):
+        build_cache([raw], tmp_path / "cache", PREPROCESSING, min_shape=MIN_SHAPE)
+    line = [r.getMessage() for r in caplog.records if "usable" in r.getMessage()][-1]
+    assert line == (
+        f"cache {tmp_path / 'cache'}: 2 cases usable, 10 skipped (reasons in {tmp_path / 'cache' / 'skipped.json'}; "
+        'most often: "voxels that are not finite numbers" (6), "not a recognised image format" (2), '
+        '"voxels stored as int8" (1))')
 
 
 def _scans_and_a_killer(raw, n):
@@ -503,3 +571,35 @@ def test_a_second_build_of_the_same_cache_waits_for_the_first(tmp_path, caplog):
         second.join(120)
     assert len(done[0].case_ids) == 3
     assert "another build is running (pid" in caplog.text and "waiting for it to finish" in caplog.text
+
+
+def test_a_full_disk_stops_the_build_keeping_what_is_cached_and_the_rerun_caches_the_rest(tmp_path):
+    from tests.disk_support import small_disk
+
+    raw = tmp_path / "raw"
+    noise = np.random.default_rng(0)
+    for i in range(5):  # about 100 KB each once cached: noise does not compress
+        scan = body_volume((40, 80, 80), dtype=np.float32)
+        scan[2:-2, 2:-2, 2:-2] += noise.normal(0, 200, (36, 76, 76))
+        write_image(raw / f"ct_{i}.nii.gz", scan.astype(np.int16), (2.0, 1.0, 1.0))
+    with small_disk(tmp_path / "disk", 8 << 20) as disk:
+        cache_dir = disk.path / "cache"
+        ballast = disk.fill(leave_bytes=260 << 10)
+        with pytest.raises(SMITError) as stopped:
+            build_cache([raw], cache_dir, PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
+        message = str(stopped.value)
+        kept = sorted((cache_dir / "cases").glob("*.json"))
+        assert message == (f"cache build stopped: no space left on the device of {cache_dir}; the {len(kept)} of the 5 "
+                           f"scans preprocessed so far are kept. Free space there and rerun the same command to "
+                           f"preprocess the other {5 - len(kept)}.")
+        assert 1 <= len(kept) < 5
+        # No scan is written off: every record is a cached scan, and nothing says a scan failed.
+        assert {json.loads(p.read_text())["status"] for p in kept} == {"ok"}
+        assert not (cache_dir / "skipped.json").exists()
+        mtimes = {p.name: p.stat().st_mtime_ns for p in (cache_dir / "cases").glob("*.b2nd")}
+
+        ballast.unlink()
+        index = build_cache([raw], cache_dir, PREPROCESSING, min_shape=MIN_SHAPE, num_workers=2)
+        assert len(index.case_ids) == 5 and index.skipped == []
+        assert all((cache_dir / "cases" / name).stat().st_mtime_ns == mtime for name, mtime in mtimes.items())
+        assert cache_files(cache_dir) == finished_cache_files(index)

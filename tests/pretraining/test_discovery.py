@@ -95,6 +95,7 @@ def write_mixed_folder(root: Path) -> dict:
     (junk / "notes.txt").write_text("not an image")
     write_image(junk / "small.nii.gz", body_volume((10, 10, 10), body=(slice(1, 9),) * 3), (1.0, 1.0, 1.0))
     write_image(junk / "mask.nii.gz", (ct > 0).astype(np.uint8), (2.0, 1.0, 1.0))
+    write_image(junk / "mask16.nii.gz", (ct > 0).astype(np.int16), (2.0, 1.0, 1.0))
     write_image(junk / "slice2d.nrrd", ct[0], (1.0, 1.0))
 
     used = {
@@ -116,10 +117,11 @@ def write_mixed_folder(root: Path) -> dict:
         str(junk / "corrupt.nii.gz"): "unreadable image file",
         str(junk / "notes.txt"): "not a recognised image format",
         str(junk / "slice2d.nrrd"): "2D image",
+        str(junk / "mask.nii.gz"): "voxels stored as uint8 (0 to 255) without a rescale slope and intercept",
     }
     cache_skips = {
         str(junk / "small.nii.gz"): "too small after preprocessing",
-        str(junk / "mask.nii.gz"): "no negative value",
+        str(junk / "mask16.nii.gz"): "no negative value",
     }
     return {"root": root, "used": used, "discovery_skips": discovery_skips, "cache_skips": cache_skips}
 
