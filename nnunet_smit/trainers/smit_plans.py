@@ -14,6 +14,12 @@ The variant also carries the Swin-fitted patch and batch and the encoder's path 
 needs no environment variable. The mean and standard deviation stay the dataset's (the trainer inverts them to HU).
 The default plans, their preprocessed data and the dataset's ``splits_final.json`` are left as they are and shared.
 Channels with other normalisations (MRI z-score) are not changed: they reach the encoder as nnU-Net normalised them.
+
+Every argument is checked before anything is written: the variant never takes the name of its source plans, of
+nnU-Net's default ``nnUNetPlans`` or of any plans file smit_plan did not write (it would replace them and their
+preprocessed data), it is never made from a variant (whose percentiles are a window already), and a plans file that
+is not JSON is one line. nnU-Net's preprocessing runs in a process of its own session, so that Ctrl-C stops it and
+its workers with one line instead of a traceback per worker.
 """
 from __future__ import annotations
 
@@ -22,19 +28,23 @@ import contextlib
 import copy
 import json
 import logging
+import multiprocessing
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from nnunet_smit.checkpoint import load_encoder_checkpoint
 from nnunet_smit.errors import SMITError, run_cli
-from nnunet_smit.files import atomic_write
+from nnunet_smit.files import atomic_write, read_json
 from nnunet_smit.trainers.patch_fitting import fit_patch_size
 from nnunet_smit.trainers.plans_settings import CT_NORMALIZATION, WEIGHTS_PLANS_KEY
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = "_SMIT"
+NNUNET_DEFAULT_PLANS = "nnUNetPlans"
 # What the variant records of how it was made, at the top level of its plans.
 RECORD_KEY = "smit_plan"
 
@@ -64,7 +74,11 @@ def smit_plans(plans: Dict[str, Any], encoder: Path, hu_window: Sequence[float],
                         "only how CT is clipped; train with the default plans.")
     original = {}
     for channel in sorted(ct_channels):
-        props = properties[str(channel)]
+        props = properties.get(str(channel))
+        if not isinstance(props, dict) or not {"percentile_00_5", "percentile_99_5"} <= set(props):
+            raise SMITError(f"{source_plans} hold no foreground percentiles of channel {channel} "
+                            "(foreground_intensity_properties_per_channel), which nnU-Net's planning writes; plan "
+                            "the dataset again.")
         original[str(channel)] = [props["percentile_00_5"], props["percentile_99_5"]]
         props["percentile_00_5"], props["percentile_99_5"] = float(hu_window[0]), float(hu_window[1])
     variant[RECORD_KEY] = {"source_plans": source_plans, "encoder": str(encoder), "hu_window": list(hu_window),
@@ -72,14 +86,17 @@ def smit_plans(plans: Dict[str, Any], encoder: Path, hu_window: Sequence[float],
     return variant
 
 
-def write_smit_plans(dataset: str, encoder: Path, source_plans: str = "nnUNetPlans",
+def write_smit_plans(dataset: str, encoder: Path, source_plans: str = NNUNET_DEFAULT_PLANS,
                      configurations: Sequence[str] = ("3d_fullres",), plans_name: Optional[str] = None,
                      num_processes: int = 4, preprocess: bool = True) -> Path:
     """Write ``<source_plans>_SMIT.json`` beside the dataset's plans and preprocess its configurations; returns the
-    plans file. SMITError for a dataset that is not planned, an unreadable encoder or nothing to change."""
+    plans file. SMITError, before anything is written, for a wrong argument, a dataset that is not planned, plans that
+    cannot be read, an unreadable encoder or nothing to change."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id, maybe_convert_to_dataset_name
 
+    plans_name = plans_name or f"{source_plans}{SUFFIX}"
+    _check_arguments(source_plans, plans_name, configurations, num_processes)
     if not nnUNet_preprocessed.is_set():
         raise SMITError("nnUNet_preprocessed is not set; export nnU-Net's folder variables and plan the dataset "
                         "first (nnUNetv2_plan_and_preprocess).")
@@ -92,23 +109,94 @@ def write_smit_plans(dataset: str, encoder: Path, source_plans: str = "nnUNetPla
     if not source.is_file():
         raise SMITError(f"{dataset_name} has no {source_plans} plans ({source} does not exist); run "
                         f"nnUNetv2_plan_and_preprocess -d {dataset} first.")
+    plans = _read_plans(source, f"the {source_plans} plans of {dataset_name}",
+                        f"restore them, or plan the dataset again (nnUNetv2_plan_and_preprocess -d {dataset})")
+    if RECORD_KEY in plans:
+        made_from = plans[RECORD_KEY].get("source_plans", "?") if isinstance(plans[RECORD_KEY], dict) else "?"
+        raise SMITError(f"the plans {source_plans} are a smit_plan variant already (of {made_from}), whose CT "
+                        f"percentiles are an encoder's window; pass -pl {made_from}.")
+    target = folder / f"{plans_name}.json"
+    if target.is_file() and RECORD_KEY not in _read_plans(target, f"the plans {plans_name} of {dataset_name}",
+                                                          "choose another name with -o"):
+        raise SMITError(f"{target} holds plans smit_plan did not write (nnU-Net's or another tool's); replacing them "
+                        "would replace their preprocessed data too: choose another name with -o.")
     encoder = Path(encoder).expanduser().resolve()
     checkpoint = load_encoder_checkpoint(encoder)
-    plans_name = plans_name or f"{source_plans}{SUFFIX}"
-    plans = json.loads(source.read_text(encoding="utf-8"))
     variant = smit_plans(plans, encoder, checkpoint.preprocessing.hu_window, configurations, source_plans, plans_name)
-    target = folder / f"{plans_name}.json"
     atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(variant, indent=4), encoding="utf-8"))
     for channel, (low, high) in variant[RECORD_KEY]["dataset_percentiles"].items():
         logger.info("channel %s: the dataset's clip range [%g, %g] HU becomes the encoder's window %s HU", channel,
                     low, high, list(checkpoint.preprocessing.hu_window))
     if preprocess:
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
-        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's progress prints: stdout holds only the plans' path
-            preprocess_dataset(convert_dataset_name_to_id(dataset_name), plans_name, list(configurations),
-                               [num_processes], show_progress_bar=False)
+        run_in_own_session(_preprocess, convert_dataset_name_to_id(dataset_name), plans_name, list(configurations),
+                           num_processes)
     return target
+
+
+def _check_arguments(source_plans: str, plans_name: str, configurations: Sequence[str], num_processes: int) -> None:
+    """SMITError for arguments that are wrong whatever the dataset (checked before anything is read or written)."""
+    if num_processes < 1:
+        raise SMITError(f"-np must be at least 1 (preprocessing processes), got {num_processes}.")
+    if not configurations:
+        raise SMITError("-c names no configuration; pass 3d_fullres (or another 3D configuration).")
+    if not plans_name or plans_name.startswith(".") or os.sep in plans_name or plans_name != plans_name.strip():
+        raise SMITError(f"-o {plans_name!r} is not a plans name (a file name without folder, e.g. nnUNetPlans_SMIT).")
+    if plans_name in (source_plans, NNUNET_DEFAULT_PLANS):
+        which = "the plans it starts from" if plans_name == source_plans else "nnU-Net's default plans"
+        raise SMITError(f"-o {plans_name} would overwrite {which} and re-preprocess their data in place; choose "
+                        f"another name (the default is {source_plans}{SUFFIX}).")
+
+
+def _read_plans(path: Path, what: str, remedy: str) -> Dict[str, Any]:
+    """The plans in ``path``, or one line saying what is wrong with the file or its layout."""
+    plans = read_json(path, what, dict, remedy)
+    for key in ("configurations", "foreground_intensity_properties_per_channel"):
+        if not isinstance(plans.get(key), dict):
+            raise SMITError(f"{what} {path} have no {key} mapping, which nnU-Net plans hold; {remedy}.")
+    return plans
+
+
+def _preprocess(dataset_id: int, plans_name: str, configurations: List[str], num_processes: int) -> None:
+    """nnU-Net's preprocessing of the variant (in the process :func:`run_in_own_session` starts)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's progress prints: stdout holds only the plans' path
+        preprocess_dataset(dataset_id, plans_name, configurations, [num_processes], show_progress_bar=False)
+
+
+def _lead_a_session(function: Callable[..., None], args: tuple) -> None:
+    os.setsid()
+    # SIGTERM from run_in_own_session ends this process through SystemExit (no traceback), so that the pools of
+    # ``function`` are shut down and their semaphores released: no "leaked semaphore" warning at exit.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    function(*args)
+
+
+def run_in_own_session(function: Callable[..., None], *args: Any) -> None:
+    """Run ``function(*args)`` in a child process leading a session of its own, and wait for it.
+
+    Ctrl-C in a terminal goes to every process of the foreground group, and nnU-Net's preprocessing workers would
+    each print a KeyboardInterrupt traceback. In a session of its own the child and its workers do not get it; this
+    process does, stops them all (SIGTERM to the child's group) and raises KeyboardInterrupt, which the CLI turns into
+    one line. ``function`` must be importable by name (the child is spawned).
+
+    Raises:
+        SMITError: the child failed (its own messages are above it on stderr).
+    """
+    child = multiprocessing.get_context("spawn").Process(target=_lead_a_session, args=(function, args))
+    child.start()
+    try:
+        child.join()
+    except BaseException:
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+        except ProcessLookupError:  # interrupted before the child led its session
+            child.terminate()
+        child.join()
+        raise
+    if child.exitcode != 0:
+        raise SMITError(f"nnU-Net's preprocessing stopped (exit code {child.exitcode}; its messages are above); fix "
+                        "what they name and rerun the same command.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -134,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   args.plans_name, args.num_processes)
         print(target, flush=True)
 
-    return run_cli(run, str(args.dataset), "interrupted; rerun the same command.")
+    return run_cli(run, str(args.dataset), "smit_plan interrupted; rerun the same command to write the plans and "
+                                           "preprocess them again.")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +30,14 @@ from tests.trainers.synthetic_dataset import write_dataset
 
 DATASET_ID = 903
 WINDOW = (-175.0, 250.0)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_encoder(path: Path) -> Path:
+    """A tiny encoder checkpoint whose HU window is ``WINDOW``."""
+    config = SMITConfig.preset("tiny")
+    save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config, PretrainPreprocessing(hu_window=WINDOW))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +48,7 @@ def planned(tmp_path_factory):
     for folder in dirs.values():
         folder.mkdir()
     name, _ = write_dataset(dirs["raw"], DATASET_ID, num_cases=3, num_test_cases=0, label_bone=False)
-    encoder = root / "encoder.pt"
-    config = SMITConfig.preset("tiny")
-    save_encoder_checkpoint(encoder, SwinEncoder(config).state_dict(), config, PretrainPreprocessing(hu_window=WINDOW))
+    encoder = write_encoder(root / "encoder.pt")
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update(nnUNet_raw=str(dirs["raw"]), nnUNet_preprocessed=str(dirs["preprocessed"]),
                nnUNet_results=str(dirs["results"]), nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1")
@@ -123,3 +133,128 @@ def test_the_trainer_on_default_plans_names_the_window_share_it_loses_and_the_fi
         "writes plans that keep the whole window; then train with -p nnUNetPlans_SMIT."]
     wide = [{"percentile_00_5": -1000.0, "percentile_99_5": 1200.0}]
     assert plans_settings.clip_range_warnings(wide, PretrainPreprocessing(hu_window=WINDOW), "D", "P") == []
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+FAKE_ID = 904
+FAKE_PLANS = {
+    "plans_name": "nnUNetPlans",
+    "configurations": {
+        "3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [64, 64, 64], "batch_size": 2,
+                       "normalization_schemes": ["CTNormalization"]},
+        "2d": {"data_identifier": "nnUNetPlans_2d", "patch_size": [64, 64], "batch_size": 12,
+               "normalization_schemes": ["CTNormalization"]},
+    },
+    "foreground_intensity_properties_per_channel": {"0": {"percentile_00_5": -449.0, "percentile_99_5": 94.0,
+                                                          "mean": -100.0, "std": 120.0}},
+}
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A dataset as nnU-Net's planning leaves its plans, written by hand (no image, nothing preprocessed), with a
+    second planner's plans and an encoder; nnU-Net's folder variables point at it."""
+    folders = {name: tmp_path / name for name in ("raw", "preprocessed", "results")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        monkeypatch.setenv(f"nnUNet_{name}", str(folder))
+    dataset = folders["preprocessed"] / f"Dataset{FAKE_ID}_Fake"
+    dataset.mkdir()
+    (dataset / "nnUNetPlans.json").write_text(json.dumps(FAKE_PLANS))
+    (dataset / "nnUNetResEncUNetMPlans.json").write_text(json.dumps({**FAKE_PLANS, "plans_name": "ResEnc"}))
+    return {"folder": dataset, "encoder": write_encoder(tmp_path / "encoder.pt"), "env": dict(os.environ)}
+
+
+def refused(fake, capsys, *args):
+    """smit_plan's stderr line for ``args``, after checking that it exits 2 with one line and writes nothing."""
+    before = {p.name: p.read_bytes() for p in fake["folder"].iterdir()}
+    capsys.readouterr()
+    assert smit_plan(["-d", str(FAKE_ID), "--encoder", str(fake["encoder"]), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert {p.name: p.read_bytes() for p in fake["folder"].iterdir()} == before
+    return err.strip()
+
+
+def test_a_variant_never_replaces_its_source_nnunets_default_or_other_plans(fake, capsys):
+    assert refused(fake, capsys, "-o", "nnUNetPlans") == (
+        "error: -o nnUNetPlans would overwrite the plans it starts from and re-preprocess their data in place; choose "
+        "another name (the default is nnUNetPlans_SMIT).")
+    assert refused(fake, capsys, "-pl", "nnUNetResEncUNetMPlans", "-o", "nnUNetPlans") == (
+        "error: -o nnUNetPlans would overwrite nnU-Net's default plans and re-preprocess their data in place; choose "
+        "another name (the default is nnUNetResEncUNetMPlans_SMIT).")
+    assert "holds plans smit_plan did not write" in refused(fake, capsys, "-o", "nnUNetResEncUNetMPlans")
+    # A variant as the source: its percentiles are the window, which a second variant would record as the dataset's.
+    variant = smit_plans(FAKE_PLANS, "enc.pt", WINDOW, ["3d_fullres"], "nnUNetPlans", "nnUNetPlans_SMIT")
+    (fake["folder"] / "nnUNetPlans_SMIT.json").write_text(json.dumps(variant))
+    assert refused(fake, capsys, "-pl", "nnUNetPlans_SMIT") == (
+        "error: the plans nnUNetPlans_SMIT are a smit_plan variant already (of nnUNetPlans), whose CT percentiles are "
+        "an encoder's window; pass -pl nnUNetPlans.")
+
+
+def test_every_argument_is_checked_before_anything_is_written(fake, capsys):
+    assert refused(fake, capsys, "-np", "0") == "error: -np must be at least 1 (preprocessing processes), got 0."
+    assert "is not a 3D configuration" in refused(fake, capsys, "-c", "3d_fullres", "2d")
+    assert "configuration '3d_lowres' is not in nnUNetPlans" in refused(fake, capsys, "-c", "3d_lowres")
+    assert "is not a plans name" in refused(fake, capsys, "-o", "../elsewhere")
+    assert "cannot be read" in refused(fake, capsys, "--encoder", str(fake["folder"] / "nnUNetPlans.json"))
+
+
+@pytest.mark.parametrize("content, says", [
+    (json.dumps(FAKE_PLANS)[:200], "is not valid JSON (Expecting property name enclosed in double quotes at line 1, "
+                                   "column 201: a truncated or hand-edited file?)"),
+    (b"\x00\xff" * 8, "is not text (byte 1 is not UTF-8"),
+    ("[1, 2]", "holds an array where an object is expected"),
+    ('{"plans_name": "nnUNetPlans"}', "have no configurations mapping"),
+])
+def test_a_broken_plans_file_is_one_line(fake, capsys, content, says):
+    path = fake["folder"] / "nnUNetPlans.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    err = refused(fake, capsys)
+    assert err.startswith(f"error: the nnUNetPlans plans of Dataset{FAKE_ID}_Fake {path} {says}"), err
+    assert err.endswith(f"restore them, or plan the dataset again (nnUNetv2_plan_and_preprocess -d {FAKE_ID}).")
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+
+DRIVER = """
+import sys
+from nnunet_smit.trainers import smit_plans
+from tests.trainers.plan_support import workers_that_sleep
+smit_plans._preprocess = workers_that_sleep  # nnU-Net's preprocessing: a pool of workers, here asleep
+sys.exit(smit_plans.main(sys.argv[1:]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_ctrl_c_while_preprocessing_is_one_line_and_stops_every_worker(fake, tmp_path):
+    pids_file = tmp_path / "pids"
+    env = {**fake["env"], "PLAN_TEST_PIDS": str(pids_file)}
+    # A terminal's Ctrl-C is a SIGINT to its foreground process group: smit_plan leads one here.
+    plan = subprocess.Popen([sys.executable, "-c", DRIVER, "-d", str(FAKE_ID), "--encoder", str(fake["encoder"]),
+                             "-np", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids_file.is_file() and len(pids_file.read_text().split()) == 3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [int(pid) for pid in pids_file.read_text().split()]
+        os.killpg(plan.pid, signal.SIGINT)
+        out, err = plan.communicate(timeout=60)
+    finally:
+        plan.kill()
+    assert plan.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == ("smit_plan interrupted; rerun the same command to write the plans and "
+                                            "preprocess them again.")
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers))
