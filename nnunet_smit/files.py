@@ -174,6 +174,11 @@ _JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "
                     bool: "true or false", type(None): "null"}
 
 
+def json_type_name(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: "an object", "an array", "a number", ..."""
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
 def read_json(path: PathLike, what: str, expected: type = dict, remedy: str = "fix or delete it") -> Any:
     """The JSON value in ``path``, which must be of type ``expected`` (``dict``: an object, ``list``: an array).
 
@@ -206,9 +211,8 @@ def read_json(path: PathLike, what: str, expected: type = dict, remedy: str = "f
         raise SMITError(f"{what} {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}: "
                         f"a truncated or hand-edited file?); {remedy}.") from None
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-        found = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
         wanted = _JSON_TYPE_NAMES.get(expected, expected.__name__)
-        raise SMITError(f"{what} {path} holds {found} where {wanted} is expected; {remedy}.")
+        raise SMITError(f"{what} {path} holds {json_type_name(value)} where {wanted} is expected; {remedy}.")
     return value
 
 
