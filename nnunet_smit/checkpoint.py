@@ -37,6 +37,7 @@ from nnunet_smit.architectures.official import (
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import CheckpointError
 from nnunet_smit.files import atomic_write
+from nnunet_smit.unreadable_weights import describe_unreadable_weights
 
 logger = logging.getLogger(__name__)
 
@@ -155,19 +156,16 @@ def _read_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad or unsafe file
-        if "weights only load failed" in str(error).lower():
+        message = str(error).lower()
+        # "Unsupported operand N": a byte no pickle starts with, so not a checkpoint at all, rather than code
+        if "weights only load failed" in message and "unsupported operand" not in message:
             raise CheckpointError(
                 f"{path} cannot be read as a weights-only torch checkpoint: it holds Python objects that would need "
                 "code to load (refused; convert it where it was made)."
             ) from None
         raise CheckpointError(
-            f"{path} cannot be read as a torch checkpoint ({_first_line(error)}): a truncated or damaged copy, or not "
-            "a weights file; copy it again."
+            f"{path} cannot be read as a torch checkpoint: {describe_unreadable_weights(path, str(error))}"
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def resolve_weights_path(path: PathLike) -> Path:
