@@ -36,10 +36,11 @@ def write_image(path: Path, array: np.ndarray, spacing_zyx) -> Path:
 
 
 def write_dicom_series(folder: Path, array: np.ndarray, spacing_zyx, modality: str = "CT",
-                       image_type: str = "ORIGINAL\\PRIMARY\\AXIAL", drop_slices=(), uid_suffix: str = "1") -> Path:
-    """One file per slice with the tags a scanner writes (positions from the image geometry)."""
+                       image_type: str = "ORIGINAL\\PRIMARY\\AXIAL", drop_slices=(), uid_suffix: str = "1",
+                       dtype=np.int16) -> Path:
+    """One file per slice with the tags a scanner writes (positions from the image geometry), stored as ``dtype``."""
     folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image = sitk.GetImageFromArray(array.astype(dtype))
     image.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
     series_uid = f"1.2.826.0.1.3680043.2.1125.7.{uid_suffix}"
     tags = [("0008|0060", modality), ("0008|0008", image_type), ("0020|000e", series_uid),
@@ -165,3 +166,12 @@ def test_dicom_slices_are_sorted_along_the_normal(tmp_path):
     positions = [float(sitk.ReadImage(p).GetOrigin()[2]) for p in source.paths]
     assert positions == sorted(positions)
 
+
+
+def test_a_dicom_series_stored_as_uint8_without_a_rescale_is_reported(tmp_path):
+    write_dicom_series(tmp_path / "ct8", body_volume((10, 16, 16), value=200) + 1000, (2.0, 1.0, 1.0),
+                       dtype=np.uint8)  # a converter that cast HU + 1000 to uint8, without a RescaleIntercept
+    sources, skipped = discover_sources([tmp_path])
+    assert sources == [] and len(skipped) == 1
+    assert skipped[0][1].endswith("): voxels stored as uint8 (0 to 255) without a rescale slope and intercept, which "
+                                  "cannot hold CT values in HU (a mask or a screenshot?)")
