@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -19,10 +19,15 @@ from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.config import PretrainConfig
 from nnunet_smit.pretraining.distributed import DistInfo, gather_objects
 from nnunet_smit.pretraining.model import SMITPretrainModel
+from nnunet_smit.pretraining.reconstruction_loss import RECONSTRUCTION_BASELINES
 from nnunet_smit.pretraining.run_log import RunLog
 from nnunet_smit.pretraining.state import json_plain
 
 logger = logging.getLogger(__name__)
+
+# Train records whose means the summary compares the reconstruction loss with its baselines over (each record is
+# already the mean of --log_every_steps steps), so that no single batch decides the comparison.
+BASELINE_RECORDS = 5
 
 
 @dataclass
@@ -50,13 +55,36 @@ def weights_checksums(model: SMITPretrainModel) -> Dict[str, str]:
     return checksums
 
 
+def reconstruction_against_baselines(
+    train_records: Sequence[Dict[str, Any]], count: int = BASELINE_RECORDS,
+) -> Optional[Dict[str, Any]]:
+    """How far below its best trivial baseline (:mod:`~nnunet_smit.pretraining.reconstruction_loss`) the
+    reconstruction loss ended: means over the last ``count`` train records that hold the loss and both baselines;
+    None when there is none (reconstruction off)."""
+    names = ("reconstruction", *RECONSTRUCTION_BASELINES)
+    last = [r for r in train_records if all(isinstance(r.get(n), (int, float)) for n in names)][-count:]
+    if not last:
+        return None
+    means = {name: sum(r[name] for r in last) / len(last) for name in names}
+    best = min(RECONSTRUCTION_BASELINES, key=means.__getitem__)
+    return {
+        "recon_l1": means["reconstruction"],
+        "best_baseline": best,
+        "best_baseline_l1": means[best],
+        "ratio": means["reconstruction"] / means[best] if means[best] > 0 else None,
+        "baselines_l1": {name: means[name] for name in RECONSTRUCTION_BASELINES},
+        "train_records": len(last),
+        "steps": [last[0]["step"], last[-1]["step"]],
+    }
+
+
 def run_summary(
     config: PretrainConfig, model: SMITPretrainModel, which: str, progress: Progress, info: DistInfo,
     run_log: RunLog, data_summary: Dict[str, Any], fingerprinted_scans: int, checksums_per_rank: List[Any],
 ) -> Dict[str, Any]:
     """What the export's metadata and ``run_summary.json`` say of the run."""
     records = run_log.records()
-    last = [r for r in records if r.get("event") == "train"][-1:]
+    train = [r for r in records if r.get("event") == "train"]
     init = next((r["init_encoder"] for r in records if r.get("event") == "start" and "init_encoder" in r), None)
     return json_plain({
         "kind": "smit_pretraining",
@@ -67,7 +95,8 @@ def run_summary(
         "finished": progress.step >= progress.total_steps,
         "world_size": info.world_size,
         "global_batch": config.batch_size * info.world_size,
-        "last_log": last[0] if last else None,
+        "last_log": train[-1] if train else None,
+        "recon_vs_best_baseline": reconstruction_against_baselines(train),
         "objectives": model.weights.enabled(),
         "pretrain_config": config.to_dict(),
         "init_encoder": init,

@@ -8,7 +8,7 @@ after the stage-2 patch merging (8C channels at 1/16 of the view, one token per 
 * DINO: global token of the teacher on one view vs. the student's on the other view.
 * iBOT: patch tokens of the student on masked positions vs. the teacher's on the same positions of the same view.
 * Reconstruction: the student's bottleneck (16C at 1/32) through a 1x1x1 conv and a 3D pixel shuffle back to the
-  view, L1 on masked voxels.
+  view, L1 on masked voxels (:mod:`~nnunet_smit.pretraining.reconstruction_loss`, with its trivial baselines).
 * KoLeo (not in SMIT, on by default): spreads the student's global embeddings (the DINO head's L2-normalised
   bottleneck) of the different scans of a view slot, DINOv2's regulariser, here against a teacher whose output
   becomes the same for every scan (docs/pretraining.md, "Teacher collapse").
@@ -32,10 +32,14 @@ from nnunet_smit.pretraining.heads import DINOHead, ReconstructionHead
 from nnunet_smit.pretraining.ibot_loss import IBOTPatchLoss
 from nnunet_smit.pretraining.koleo_loss import koleo_loss
 from nnunet_smit.pretraining.masking import cube_mask_to_grid
+from nnunet_smit.pretraining.reconstruction_loss import RECONSTRUCTION_BASELINES, masked_l1, reconstruction_baselines
 
 # Voxels per token edge at the distillation tap: patch embedding (2) x three merges (2^3).
 TAP_STRIDE = 16
 TAP_STAGE = 2
+# What the device part measures beside the loss terms (not part of the loss): the reconstruction loss's trivial
+# baselines, and the mean entropy of the iBOT teacher's distribution over the masked patch tokens.
+MONITORS = (*RECONSTRUCTION_BASELINES, "teacher_patch_entropy")
 
 
 @dataclass
@@ -200,31 +204,14 @@ def masked_tap_index(tap_mask: torch.Tensor) -> torch.Tensor:
     return tap_mask.flatten().nonzero().squeeze(1)
 
 
-def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, cube_mask: torch.Tensor, cube: int) -> torch.Tensor:
-    """Mean absolute error over the voxels of the masked cubes (0, with a gradient path, when none is masked).
-
-    Sums the error per cube and weighs the cubes by the mask, so neither a voxel mask nor a data-dependent selection
-    (which would make the host wait for the device) is needed.
-
-    Args:
-        reconstruction, target: (N, C, D, H, W).
-        cube_mask: bool (N, D/cube, H/cube, W/cube), on the device of the images.
-        cube: voxels per cube edge.
-    """
-    error = (reconstruction.float() - target.float()).abs()
-    n, c = error.shape[:2]
-    gd, gh, gw = cube_mask.shape[1:]
-    per_cube = error.view(n, c, gd, cube, gh, cube, gw, cube).sum(dim=(1, 3, 5, 7))
-    weights = cube_mask.to(per_cube.dtype)
-    return (per_cube * weights).sum() / (weights.sum() * (c * cube**3)).clamp_min(1.0)
-
-
 @dataclass
 class LossOutput:
-    """Total loss, its terms (floats, detached) and tensors for monitoring and previews."""
+    """Total loss, its terms (floats, detached), what is measured beside them (:data:`MONITORS`, those that apply)
+    and tensors for monitoring and previews."""
 
     total: torch.Tensor
     terms: Dict[str, torch.Tensor] = field(default_factory=dict)
+    monitors: Dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_global_probs: Optional[torch.Tensor] = None
     preview: Optional[Dict[str, torch.Tensor]] = None
 
@@ -399,6 +386,7 @@ class SMITPretrainModel(nn.Module):
             teacher_global_probs=outputs.pop("teacher_global_probs", None),
         )
         reconstruction = outputs.pop("reconstruction_output", None)
+        result.monitors = {name: outputs.pop(name) for name in MONITORS if name in outputs}
         result.terms = outputs
         if with_preview:
             voxels = cube_mask_to_grid(inputs.host_masks[:1], self.mask_cube_size, 1)
@@ -436,8 +424,9 @@ class SMITPretrainModel(nn.Module):
             update_centers: update the DINO/iBOT centers.
 
         Returns:
-            ``total``, the unweighted terms, ``teacher_global_probs`` (detached) when DINO is on, and
-            ``reconstruction_output`` (the student's reconstruction, detached) when reconstruction is on.
+            ``total``, the unweighted terms, ``teacher_global_probs`` (detached) when DINO is on,
+            ``reconstruction_output`` (the student's reconstruction, detached) and the reconstruction baselines when
+            reconstruction is on, and ``teacher_patch_entropy`` when iBOT is on.
         """
         token_mask = cube_mask_to_grid(masks, self.mask_cube_size, self.config.patch_size)
         s_out = student(x, token_mask, patch_index)
@@ -453,6 +442,7 @@ class SMITPretrainModel(nn.Module):
         if s_out.reconstruction is not None:
             outputs["reconstruction"] = masked_l1(s_out.reconstruction, x, masks, self.mask_cube_size)
             outputs["reconstruction_output"] = s_out.reconstruction.detach()
+            outputs.update(reconstruction_baselines(x, masks, self.mask_cube_size, self.config.size_divisor))
         total = x.new_zeros((), dtype=torch.float32)
         for name in ("dino", "ibot", "koleo", "reconstruction"):  # the order of the sum, fixed
             if name in outputs:
@@ -477,8 +467,15 @@ class SMITPretrainModel(nn.Module):
         if self.ibot_loss is not None:
             t_probs = self.ibot_loss.teacher_probs(t_out.patch_logits, teacher_temp)
             outputs["ibot"] = self.ibot_loss(s_out.patch_logits, t_probs, token_view, x.shape[0])
+            outputs["teacher_patch_entropy"] = mean_entropy(t_probs.detach().float())
             if update_centers:
                 self.ibot_loss.update_center(t_out.patch_logits)
+
+
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the rows of (N, K) probabilities, 0-d; 0 for no row."""
+    entropy = -(probs * (probs + 1e-12).log()).sum(dim=-1)
+    return entropy.sum() / max(entropy.numel(), 1)
 
 
 def teacher_collapse_stats(probs: torch.Tensor) -> Dict[str, float]:
@@ -490,9 +487,7 @@ def teacher_collapse_stats(probs: torch.Tensor) -> Dict[str, float]:
         ``dim_std``: per-prototype standard deviation across samples, averaged (near 0: every sample alike).
     """
     probs = probs.float()
-    eps = 1e-12
-    entropy = -(probs * (probs + eps).log()).sum(dim=-1).mean()
-    marginal = probs.mean(dim=0)
-    marginal_entropy = -(marginal * (marginal + eps).log()).sum()
+    entropy = mean_entropy(probs)
+    marginal_entropy = mean_entropy(probs.mean(dim=0, keepdim=True))
     dim_std = probs.std(dim=0, unbiased=False).mean() if probs.shape[0] > 1 else probs.new_zeros(())
     return {"entropy": float(entropy), "marginal_entropy": float(marginal_entropy), "dim_std": float(dim_std)}

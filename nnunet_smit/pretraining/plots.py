@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -13,7 +14,14 @@ from nnunet_smit.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-LOSS_KEYS = ("loss", "dino", "ibot", "reconstruction")
+# The solid curve of each objective and, dashed beside it, what it is measured against: the reconstruction loss's
+# trivial baselines, and for DINO and iBOT their teacher's entropy (the least the cross-entropy can be) and log K.
+OBJECTIVE_PANELS = {
+    "reconstruction": ("reconstruction", ("recon_l1_view_mean", "recon_l1_block_mean")),
+    "dino": ("dino", ("teacher_entropy",)),
+    "ibot": ("ibot", ("teacher_patch_entropy",)),
+}
+PANELS = ("loss", *OBJECTIVE_PANELS, "lr", "teacher_entropy", "teacher_spread")
 
 
 def _pyplot():
@@ -38,51 +46,103 @@ def read_log(log_path: Path) -> List[Dict]:
     return records
 
 
+def _series(records: List[Dict], key: str) -> Optional[List[float]]:
+    """The values of ``key`` in ``records`` (NaN where absent), or None when no record has it."""
+    values = [r.get(key) for r in records]
+    if all(v is None for v in values):
+        return None
+    return [np.nan if v is None else v for v in values]
+
+
+def prototypes_of(records: List[Dict]) -> Dict[str, int]:
+    """{head: K} from the last start or resume record that says (empty for logs written before it was recorded)."""
+    for record in reversed(records):
+        if record.get("event") in ("start", "resume") and "prototypes" in record:
+            return dict(record["prototypes"])
+    return {}
+
+
+def loss_figure(records: List[Dict]) -> Tuple[Any, Dict[str, Any]]:
+    """The loss-curve figure of a run's log records: (figure, {panel name: Axes}) with the panels of ``PANELS``.
+
+    Each objective has its own panel, its loss solid and its references dashed (``OBJECTIVE_PANELS``; log K where
+    the log's start or resume record gives K). Then the learning rate, the teacher's entropies and the teacher's
+    per-prototype spread with the KoLeo term.
+    """
+    plt = _pyplot()
+    train = [r for r in records if r.get("event") == "train"]
+    prototypes = prototypes_of(records)
+    fig, grid = plt.subplots(2, 4, figsize=(20, 8))
+    panels = dict(zip(PANELS, grid.flat))
+    grid.flat[-1].axis("off")
+    steps = [r["step"] for r in train]
+    for ax in panels.values():
+        ax.set_xlabel("step")
+
+    total = _series(train, "loss")
+    if total is not None:
+        panels["loss"].plot(steps, total, label="loss")
+    panels["loss"].set_ylabel("loss (weighted total)")
+    panels["loss"].set_yscale("log")
+    for name, (key, references) in OBJECTIVE_PANELS.items():
+        ax = panels[name]
+        ax.set_ylabel(f"{name} loss (unweighted)")
+        values = _series(train, key)
+        if values is None:
+            ax.set_title(f"{name}: off")
+            continue
+        ax.plot(steps, values, label=key)
+        for reference in references:
+            reference_values = _series(train, reference)
+            if reference_values is not None:
+                ax.plot(steps, reference_values, linestyle="--", label=reference)
+        if name in prototypes:
+            k = int(prototypes[name])
+            ax.axhline(math.log(k), linestyle="--", color="tab:gray", label=f"log K (K = {k}): uniform teacher")
+        if name == "reconstruction":
+            ax.set_yscale("log")
+        ax.legend()
+
+    panels["lr"].plot(steps, [r.get("lr") for r in train], label="lr")
+    panels["lr"].set_ylabel("learning rate")
+    panels["lr"].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for key in ("teacher_entropy", "teacher_marginal_entropy", "teacher_patch_entropy"):
+        values = _series(train, key)
+        if values is not None:
+            panels["teacher_entropy"].plot(steps, values, label=key)
+    panels["teacher_entropy"].set_ylabel("teacher entropy (nats)")
+    if panels["teacher_entropy"].lines:
+        panels["teacher_entropy"].legend()
+    _draw_spread(panels["teacher_spread"], steps, train)
+    fig.tight_layout()
+    return fig, panels
+
+
+def _draw_spread(ax: Any, steps: List[int], train: List[Dict]) -> None:
+    """Collapse watch: the teacher's per-prototype spread across views (0: every view alike), and the KoLeo term
+    that keeps the embeddings apart (it may be negative, hence its own linear axis)."""
+    spread = _series(train, "teacher_dim_std")
+    if spread is not None:
+        ax.plot(steps, spread, color="tab:purple", label="teacher spread")
+        ax.set_yscale("log")
+        ax.set_ylabel("teacher per-prototype spread across views")
+    koleo = _series(train, "koleo")
+    if koleo is not None:
+        twin = ax.twinx()
+        twin.plot(steps, koleo, color="tab:gray", label="koleo")
+        twin.set_ylabel("KoLeo term")
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles])
+
+
 def plot_loss_curves(log_path: Path, out_path: Path) -> Optional[Path]:
-    """Plot every loss term, the learning rate and the teacher's collapse indicators against the step."""
-    records = [r for r in read_log(log_path) if r.get("event") == "train"]
-    if not records:
+    """Write :func:`loss_figure` of the log at ``log_path`` to ``out_path`` (PNG); None when the log has no train
+    record yet."""
+    records = read_log(log_path)
+    if not any(r.get("event") == "train" for r in records):
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    steps = [r["step"] for r in records]
-    for key in LOSS_KEYS:
-        values = [r.get(key) for r in records]
-        if all(v is None for v in values):
-            continue
-        axes[0].plot(steps, [np.nan if v is None else v for v in values], label=key)
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("loss (unweighted terms, weighted total)")
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    axes[1].plot(steps, [r.get("lr") for r in records], label="lr")
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("learning rate")
-    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    for key in ("teacher_entropy", "teacher_marginal_entropy"):
-        values = [r.get(key) for r in records]
-        if any(v is not None for v in values):
-            axes[2].plot(steps, [np.nan if v is None else v for v in values], label=key)
-    axes[2].set_xlabel("step")
-    axes[2].set_ylabel("teacher entropy (nats)")
-    if axes[2].lines:
-        axes[2].legend()
-    # Collapse watch: the teacher's per-prototype spread across views (0: every view alike), and the KoLeo term
-    # that keeps the embeddings apart (it may be negative, hence its own linear axis).
-    spread = [r.get("teacher_dim_std") for r in records]
-    if any(v is not None for v in spread):
-        axes[3].plot(steps, [np.nan if v is None else v for v in spread], color="tab:purple", label="teacher spread")
-        axes[3].set_yscale("log")
-        axes[3].set_ylabel("teacher per-prototype spread across views")
-    axes[3].set_xlabel("step")
-    koleo = [r.get("koleo") for r in records]
-    if any(v is not None for v in koleo):
-        twin = axes[3].twinx()
-        twin.plot(steps, [np.nan if v is None else v for v in koleo], color="tab:gray", label="koleo")
-        twin.set_ylabel("KoLeo term")
-        handles = axes[3].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        axes[3].legend(handles, [h.get_label() for h in handles])
-    fig.tight_layout()
+    fig, _ = loss_figure(records)
     atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
     return out_path

@@ -420,7 +420,8 @@ class PretrainTrainer:
         self.scaler.update()
         self.model.update_teacher(values["momentum"])
         self.step += 1
-        scalars: Dict[str, Any] = {"loss": out.total.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+        measured = {**out.terms, **out.monitors}
+        scalars: Dict[str, Any] = {"loss": out.total.detach(), **{k: v.detach() for k, v in measured.items()}}
         if grad_norm is not None:
             scalars["grad_norm"] = grad_norm.detach()
         return {**values, **scalars}, out
@@ -441,7 +442,7 @@ class PretrainTrainer:
         self.run_log.write_json("pretrain_config.json", self._config_record())
         self.run_log.write({"event": "resume" if resumed else "start", "step": self.step,
                             "total_steps": self.total_steps, "stop_step": self.stop_step,
-                            "world_size": self.dist.world_size, **start})
+                            "world_size": self.dist.world_size, "prototypes": self._prototypes(), **start})
         try:
             if self.step >= self.stop_step:
                 logger.info("step %d reached already; exporting.", self.step)
@@ -467,6 +468,11 @@ class PretrainTrainer:
                     raise
         finally:
             torch.use_deterministic_algorithms(deterministic_before)
+
+    def _prototypes(self) -> Dict[str, int]:
+        """{head: K} of the distillation heads that are on (what the loss curves draw log K from)."""
+        enabled = self.config.objective_weights().enabled()
+        return {name: self.config.head_out_dim for name in ("dino", "ibot") if enabled[name]}
 
     def _config_record(self) -> Dict[str, Any]:
         return {
