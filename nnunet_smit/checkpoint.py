@@ -73,13 +73,15 @@ def save_encoder_checkpoint(
     patch_size: Sequence[int] = (96, 96, 96),
     summary: Optional[Dict[str, Any]] = None,
     scan_fingerprints: Optional[Mapping[str, str]] = None,
+    exported_side: Optional[str] = None,
 ) -> str:
     """Write an encoder checkpoint atomically; returns the sha256 of the weights.
 
     ``state_dict`` is a :class:`SwinEncoder` state dict (keys without prefix). ``scan_fingerprints`` is
     {fingerprint: scan name} of every scan the weights were pretrained on (:mod:`nnunet_smit.fingerprints`), stored
-    as ``pretraining_scans`` (about 40 bytes a scan). A path ending in ``.safetensors`` is written as safetensors with
-    the metadata as JSON, anything else with ``torch.save``.
+    as ``pretraining_scans`` (about 40 bytes a scan). ``exported_side`` is the side of the pretraining run the
+    weights are, ``"teacher"`` or ``"student"`` (stored when given). A path ending in ``.safetensors`` is written as
+    safetensors with the metadata as JSON, anything else with ``torch.save``.
     """
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     sha = state_dict_sha256(weights)
@@ -94,6 +96,8 @@ def save_encoder_checkpoint(
         "pretraining_scans": {str(k): str(v) for k, v in sorted((scan_fingerprints or {}).items())},
         "sha256": sha,
     }
+    if exported_side is not None:
+        metadata["exported_side"] = str(exported_side)
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -124,6 +128,8 @@ class EncoderCheckpoint:
         pretraining_scans: {fingerprint: scan name} of every scan the weights were pretrained on
             (:mod:`nnunet_smit.fingerprints`). Empty when the file records none: foreign weights (the authors',
             MONAI's) and exports written before fingerprints existed; that means "unknown", not "no scan".
+        exported_side: which side of a pretraining run the weights are, ``"teacher"`` or ``"student"``; for exports
+            written before the field existed, their summary's ``exported``; None for files from elsewhere.
     """
 
     state_dict: StateDict
@@ -136,6 +142,7 @@ class EncoderCheckpoint:
     path: Optional[str] = None
     notes: List[str] = field(default_factory=list)
     pretraining_scans: Dict[str, str] = field(default_factory=dict)
+    exported_side: Optional[str] = None
 
 
 def _read_file(path: Path) -> Any:
@@ -253,16 +260,19 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
         scans = obj.get("pretraining_scans", {})
         if not isinstance(scans, Mapping):
             raise CheckpointError(f"{path} is corrupt: its pretraining_scans entry is not a mapping of fingerprints.")
+        summary = dict(obj.get("summary", {}))
+        side = obj.get("exported_side", summary.get("exported"))
         return EncoderCheckpoint(
             state_dict=state_dict,
             config=SMITConfig.from_dict(obj["config"]),
             preprocessing=PretrainPreprocessing.from_dict(obj.get("preprocessing", {})),
             patch_size=tuple(int(s) for s in obj.get("patch_size", (96, 96, 96))),
-            summary=dict(obj.get("summary", {})),
+            summary=summary,
             sha256=sha,
             source="nnunet_smit",
             path=str(path),
             pretraining_scans={str(k): str(v) for k, v in scans.items()},
+            exported_side=str(side) if side is not None else None,
         )
     sd = _tensor_dict(obj)
     if sd is None and isinstance(obj, Mapping):
@@ -292,8 +302,9 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
 
 
 def _from_pretraining_state(state: Mapping[str, Any], path: Path) -> EncoderCheckpoint:
-    """The encoder of a pretraining run's ``checkpoint_latest.pt``: the teacher's (the student's when the run has
-    no teacher), with the run's architecture, preprocessing, view size and scan fingerprints."""
+    """The encoder of a pretraining run's ``checkpoint_latest.pt``: the teacher's (the student's in states of
+    reconstruction-only runs from before every run kept a teacher), with the run's architecture, preprocessing,
+    view size and scan fingerprints."""
     model = _tensor_dict(state.get("model")) or {}
     side = "teacher" if any(k.startswith("teacher.encoder.") for k in model) else "student"
     state_dict, _ = select_prefix(model, f"{side}.encoder.")
@@ -314,6 +325,7 @@ def _from_pretraining_state(state: Mapping[str, Any], path: Path) -> EncoderChec
         notes=[f"the {side} encoder of a pretraining state at step {step}"
                + ("" if finished else " (the run had not finished: its export is written at the end)")],
         pretraining_scans={str(k): str(v) for k, v in scans.items()} if isinstance(scans, Mapping) else {},
+        exported_side=side,
     )
 
 

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"... and at least every M minutes ({_d('checkpoint_every_minutes')}; 0: not by the clock)")
     parser.add_argument("--log_every_steps", type=int, help=f"log interval in steps ({_d('log_every_steps')})")
     parser.add_argument("--preview_every_epochs", type=int, help=f"reconstruction preview interval in epochs ({_d('preview_every_epochs')})")
-    parser.add_argument("--export", choices=EXPORTS, help=f"which encoder to export ({_d('export')})")
+    parser.add_argument("--export", choices=EXPORTS, help=f"which encoder to export, whatever the objectives ({_d('export')})")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write the scalars of log.jsonl as TensorBoard event files into OUT/tensorboard "
                              "(needs the tensorboard package)")

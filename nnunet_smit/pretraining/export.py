@@ -2,7 +2,8 @@
 
 ``smit_encoder_teacher.pt`` (or ``_student`` with ``export="student"``) is an encoder checkpoint in the project's
 format (:mod:`nnunet_smit.checkpoint`): the encoder's weights, its architecture, the cache's preprocessing, the view
-size as patch size, the summary below and the fingerprints of every scan the weights have seen.
+size as patch size, the side exported (``exported_side``), the summary below and the fingerprints of every scan the
+weights have seen. The side is ``export``'s whatever the objectives: every run keeps an EMA teacher.
 """
 from __future__ import annotations
 
@@ -40,19 +41,14 @@ class Progress:
 
 
 def exported_side(model: SMITPretrainModel, which: str) -> Tuple[str, nn.Module]:
-    """(name, module) of the side to export: the teacher, or the student (asked for, or no teacher exists)."""
-    if which == "teacher" and model.teacher is None:
-        logger.warning("no teacher without distillation objectives; exporting the student.")
-        return "student", model.student
+    """(name, module) of the side to export, ``"teacher"`` or ``"student"``: the one asked for, whatever the
+    objectives."""
     return which, model.teacher if which == "teacher" else model.student
 
 
 def weights_checksums(model: SMITPretrainModel) -> Dict[str, str]:
     """sha256 of the student's and the teacher's weights (equal on every process of a healthy DDP run)."""
-    checksums = {"student": state_dict_sha256(model.student.state_dict())}
-    if model.teacher is not None:
-        checksums["teacher"] = state_dict_sha256(model.teacher.state_dict())
-    return checksums
+    return {side: state_dict_sha256(getattr(model, side).state_dict()) for side in ("student", "teacher")}
 
 
 def reconstruction_against_baselines(
@@ -127,7 +123,7 @@ def export_encoder(
         try:
             save_encoder_checkpoint(
                 path, state_dict, model.config, preprocessing, patch_size=(config.view_size,) * 3, summary=summary,
-                scan_fingerprints=scan_fingerprints,
+                scan_fingerprints=scan_fingerprints, exported_side=which,
             )
             run_log.write_json("run_summary.json", summary)
         except OSError as error:

@@ -3,7 +3,9 @@
 The student sees masked views (masked patch tokens replaced by a learned ``mask_token`` after the patch embedding
 and its norm); the teacher, an exponential moving average of the student, sees the whole views. Both tap the tokens
 after the stage-2 patch merging (8C channels at 1/16 of the view, one token per 16^3 mask cube), normalise them
-(LayerNorm, eps 1e-6) and average them into a global token. Objectives:
+(LayerNorm, eps 1e-6) and average them into a global token. The teacher exists in every run, whichever objectives
+are on: without DINO and iBOT it runs no forward pass but still follows the student, so that the export can take the
+same side whatever the objectives. Objectives:
 
 * DINO: global token of the teacher on one view vs. the student's on the other view.
 * iBOT: patch tokens of the student on masked positions vs. the teacher's on the same positions of the same view.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -279,16 +281,16 @@ class SMITPretrainModel(nn.Module):
         enabled = self.weights.enabled()
         self.mask_cube_size = int(mask_cube_size)
         self.student = EncoderWithHeads(config, self.weights, heads, separate_patch_head, True, gradient_checkpointing)
-        self.uses_teacher = enabled["dino"] or enabled["ibot"]
-        self.teacher: Optional[EncoderWithHeads] = None
-        if self.uses_teacher:
-            self.teacher = self._copy_student_as_teacher()
+        # Whether the teacher runs forward (DINO or iBOT); it is kept, and follows the student, in every run.
+        self.distills = enabled["dino"] or enabled["ibot"]
+        self.teacher = self._copy_student_as_teacher()
         loss_kwargs = dict(student_temp=student_temp, center_momentum=center_momentum, centering=centering)
         self.dino_loss = DINOLoss(heads.out_dim, **loss_kwargs) if enabled["dino"] else None
         self.ibot_loss = IBOTPatchLoss(heads.out_dim, **loss_kwargs) if enabled["ibot"] else None
 
     def _copy_student_as_teacher(self) -> EncoderWithHeads:
-        """The teacher starts as an exact copy of the student (without mask token and reconstruction head)."""
+        """The teacher starts as an exact copy of the student (without mask token and reconstruction head); with
+        reconstruction alone it is the encoder and the tap norm."""
         teacher = copy.deepcopy(self.student)
         teacher.recon_head = None
         teacher.mask_token = None
@@ -301,8 +303,7 @@ class SMITPretrainModel(nn.Module):
     def train(self, mode: bool = True) -> "SMITPretrainModel":
         """Only the student changes mode: the teacher always runs in eval mode (no drop path)."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        self.teacher.eval()
         return self
 
     # ------------------------------------------------------------------------------------------------------
@@ -310,8 +311,6 @@ class SMITPretrainModel(nn.Module):
         """Matching (teacher, student) parameter lists for the EMA update."""
         student_params = dict(self.student.named_parameters())
         teacher_list, student_list = [], []
-        if self.teacher is None:
-            return teacher_list, student_list
         for name, t in self.teacher.named_parameters():
             teacher_list.append(t)
             student_list.append(student_params[name])
@@ -321,10 +320,16 @@ class SMITPretrainModel(nn.Module):
     def update_teacher(self, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, for every teacher parameter."""
         teacher_list, student_list = self.teacher_student_pairs()
-        if not teacher_list:
-            return
         torch._foreach_mul_(teacher_list, momentum)
         torch._foreach_add_(teacher_list, student_list, alpha=1.0 - momentum)
+
+    def with_teacher_state(self, saved: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], bool]:
+        """(``saved``, a state dict of this model, with the teacher's entries; whether they had to be copied from the
+        student's): states written before every run kept a teacher (reconstruction alone) hold none."""
+        if any(key.startswith("teacher.") for key in saved):
+            return dict(saved), False
+        copied = {f"teacher.{name}": saved[f"student.{name}"] for name in self.teacher.state_dict()}
+        return {**saved, **copied}, True
 
     def last_layer_parameters(self) -> List[nn.Parameter]:
         """Prototype-layer parameters of the student heads (frozen in the first epoch)."""
@@ -431,7 +436,7 @@ class SMITPretrainModel(nn.Module):
         token_mask = cube_mask_to_grid(masks, self.mask_cube_size, self.config.patch_size)
         s_out = student(x, token_mask, patch_index)
         outputs: Dict[str, torch.Tensor] = {}
-        if self.teacher is not None:
+        if self.distills:
             self._distillation_losses(s_out, x, patch_index, token_view, teacher_temp, num_views, update_centers,
                                       outputs)
         if self.weights.koleo > 0:

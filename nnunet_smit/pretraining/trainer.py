@@ -95,6 +95,7 @@ class PretrainTrainer:
         self._last_checkpoint_time = time.monotonic()
         self._last_saved_step: Optional[int] = None  # the step checkpoint_latest.pt holds
         self._finite_at_step: Optional[int] = None  # the last step whose weights check_diverged found finite
+        self._resume_notes: Dict[str, Any] = {}  # what the log's resume record says of the state resumed from
         self.step = 0
 
         self._seed_and_warn()
@@ -318,7 +319,14 @@ class PretrainTrainer:
                            self.dist.world_size, state["world_size"])
         self._adopt_epoch_of_checkpoint(state)
         self.scan_fingerprints = {**scans_of_state(state), **self.scan_fingerprints}
-        self.model.load_state_dict(state["model"])
+        model_state, teacher_copied = self.model.with_teacher_state(state["model"])
+        self.model.load_state_dict(model_state)
+        if teacher_copied:
+            self._resume_notes["teacher_copied_from_student"] = True
+            if self.dist.is_main:
+                logger.warning("%s holds no teacher (a reconstruction-only run from before every run kept one): the "
+                               "teacher starts as a copy of the student and follows it by EMA from here.",
+                               self.checkpoint_path)
         optimizer_state, regrouped = optimizer_state_for(state["optimizer"], self.model.student, self.checkpoint_path)
         if regrouped and self.dist.is_main:
             logger.info("the saved state decayed the relative position tables; from now on they are not decayed, as "
@@ -442,7 +450,8 @@ class PretrainTrainer:
         self.run_log.write_json("pretrain_config.json", self._config_record())
         self.run_log.write({"event": "resume" if resumed else "start", "step": self.step,
                             "total_steps": self.total_steps, "stop_step": self.stop_step,
-                            "world_size": self.dist.world_size, "prototypes": self._prototypes(), **start})
+                            "world_size": self.dist.world_size, "prototypes": self._prototypes(), **start,
+                            **self._resume_notes})
         try:
             if self.step >= self.stop_step:
                 logger.info("step %d reached already; exporting.", self.step)
