@@ -45,8 +45,10 @@ def test_official_pretrain_keys_load_with_zero_missing(tmp_path, reference_dir, 
     torch.save(WRAPPERS[wrapper](sd), path)
     ckpt = load_encoder_checkpoint(path)
     assert ckpt.source == "official_pretrain"
-    assert ckpt.config == SMITConfig.preset("smit_small").replace(drop_path_rate=ckpt.config.drop_path_rate)
-    encoder = SwinEncoder(SMITConfig.preset("smit_small"))
+    # the authors' weights come with their window-reverse slip: the smit_small_authors preset, not a fresh smit_small
+    assert ckpt.config == SMITConfig.preset("smit_small_authors").replace(drop_path_rate=ckpt.config.drop_path_rate)
+    assert not SMITConfig.preset("smit_small").legacy_window_reverse
+    encoder = SwinEncoder(SMITConfig.preset("smit_small_authors"))
     report = load_encoder_weights(encoder, ckpt.state_dict)
     assert report.ok and report.missing == [] and report.unexpected == []
     assert report.loaded == 155 - 10 - 1  # minus 10 derived position indices and the mask token
@@ -173,7 +175,7 @@ def test_official_finetune_key_layout_builds_full_network(reference_dir):
     shapes = json.loads((reference_dir / "official_finetune_keys.json").read_text())
     sd = {k: (torch.randint(0, 5, s) if "index" in k or "num_batches" in k else torch.randn(s)) for k, s in shapes.items()}
     net = SMITNet.from_official_state_dict(sd)
-    assert net.config == SMITConfig.preset("smit_small").replace(drop_path_rate=net.config.drop_path_rate)
+    assert net.config == SMITConfig.preset("smit_small_authors").replace(drop_path_rate=net.config.drop_path_rate)
     assert net.decoder.out.conv.conv.out_channels == 14
     assert torch.equal(net.decoder.encoder10.layer.conv1.conv.weight, sd["encoder10.layer.conv1.conv.weight"])
 

@@ -49,8 +49,8 @@ class SMITConfig:
             shrinks to the grid and the shift is dropped. SMIT pads the grid up to the window instead.
         legacy_window_reverse: put attention outputs back with the authors' window reverse, which applies the
             partition's axis permutation again instead of its inverse (a 3D slip in their code) and so moves each
-            token's attention output to another position. Their released weights were trained that way, so
-            author-compatible presets keep it; it is off for new architectures.
+            token's attention output to another position. Their released weights were trained that way, so the
+            ``*_authors`` presets and the importers of their weights keep it; it is off for new models (``smit_small``).
     """
 
     embed_dim: int = 48
@@ -134,11 +134,19 @@ class SMITConfig:
         return tuple(sorted(PRESETS))
 
 
+_SMIT_LUNG = SMITConfig(depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), qkv_bias=True)
+
+# "smit_small" and "smit_lung" are the authors' architectures for new models (correct window reverse); the
+# "_authors" presets add the authors' window-reverse slip, which their released weights need (the importers set it
+# from the weights themselves).
 PRESETS: Dict[str, SMITConfig] = {
-    # The authors' released SMIT encoder: 8,763,784 parameters.
-    "smit_small": SMITConfig(legacy_window_reverse=True),
+    # The authors' SMIT encoder architecture, 8,763,784 parameters, for new pretraining.
+    "smit_small": SMITConfig(),
+    # The same with the authors' window reverse: the network their released smit_small weights were trained as.
+    "smit_small_authors": SMITConfig(legacy_window_reverse=True),
     # The group's later lung-tumour model: deeper third stage, more heads, qkv bias.
-    "smit_lung": SMITConfig(depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), qkv_bias=True, legacy_window_reverse=True),
+    "smit_lung": _SMIT_LUNG,
+    "smit_lung_authors": _SMIT_LUNG.replace(legacy_window_reverse=True),
     # A tiny encoder for tests and CPU smoke runs.
     "tiny": SMITConfig(embed_dim=12, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2), drop_path_rate=0.0),
     # MONAI SwinUNETR's SwinViT (feature_size 48), for importing MONAI's self-supervised weights.

@@ -23,6 +23,13 @@ class IntensityMapping(nn.Module):
     to [clip_low, clip_high] first, so the HU inside that range is recovered exactly), then clip to ``hu_window``
     and map linearly onto ``scaled_range``. Channels whose mean is ``None`` pass through unchanged. Everything is
     a fixed, non-persistent buffer: no parameters, no state-dict keys.
+
+    Padding: nnU-Net pads patches with exactly 0 in its normalised space (the training loader and the sliding
+    window alike), which is the foreground mean in HU (soft tissue). Pretraining padded with the bottom of
+    ``scaled_range`` (air). With ``pad_value`` given (the pretraining's pad, ``scaled_range[0]``), a mapped input of
+    exactly 0 is taken for nnU-Net's padding and becomes ``pad_value``; None keeps nnU-Net's padding as it is (networks
+    trained before this mapping existed). A real voxel is exactly 0 only when its HU equals the foreground mean to
+    float precision; it then reads as padding too.
     """
 
     def __init__(
@@ -31,6 +38,7 @@ class IntensityMapping(nn.Module):
         std: Sequence[Optional[float]],
         hu_window: Tuple[float, float] = (-175.0, 250.0),
         scaled_range: Tuple[float, float] = (0.0, 1.0),
+        pad_value: Optional[float] = None,
     ) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -45,6 +53,7 @@ class IntensityMapping(nn.Module):
         )
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
         self.scaled_range = (float(scaled_range[0]), float(scaled_range[1]))
+        self.pad_value = None if pad_value is None else float(pad_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, D, H, W) -> same shape."""
@@ -52,10 +61,21 @@ class IntensityMapping(nn.Module):
         out_lo, out_hi = self.scaled_range
         hu = (x * self.std + self.mean).clamp(lo, hi)
         scaled = (hu - lo) * ((out_hi - out_lo) / (hi - lo)) + out_lo
+        if self.pad_value is not None:
+            scaled = torch.where(x == 0, torch.full_like(scaled, self.pad_value), scaled)
         return torch.where(self.mapped, scaled.to(x.dtype), x)
 
     def extra_repr(self) -> str:
-        return f"channels={self.mapped.numel()}, hu_window={self.hu_window}, scaled_range={self.scaled_range}"
+        return (f"channels={self.mapped.numel()}, hu_window={self.hu_window}, scaled_range={self.scaled_range}, "
+                f"pad_value={self.pad_value}")
+
+
+def inverse_permutation(order: Sequence[int]) -> Tuple[int, ...]:
+    """The permutation that undoes ``order`` (nnU-Net's transpose_backward of its transpose_forward)."""
+    inverse = [0] * len(order)
+    for position, axis in enumerate(order):
+        inverse[int(axis)] = position
+    return tuple(inverse)
 
 
 class SMITNet(nn.Module):
@@ -73,8 +93,13 @@ class SMITNet(nn.Module):
         decoder: ``"smit"``, the authors' decoder (the default), or ``"light"``, :class:`SMITLightDecoder` with
             narrow full- and half-resolution stages (16 and 32 channels); both give the same deep-supervision
             outputs.
+        input_axes: nnU-Net's ``transpose_forward``: the input's spatial axis i is the encoder's (z, y, x) axis
+            ``input_axes[i]`` (nnU-Net stores and trains on arrays with the largest-spacing axis first). The input is
+            put back into (z, y, x), the order of the pretraining cache, before the encoder, and the logits are
+            returned in the input's order. None or (0, 1, 2): the input is already (z, y, x).
 
-    Input (B, C_in, D, H, W) with every axis a multiple of 32; output logits (B, num_classes, D, H, W).
+    Input (B, C_in, D, H, W) with every axis a multiple of 32; output logits (B, num_classes, D, H, W), both in the
+    order ``input_axes`` describes.
     """
 
     def __init__(
@@ -88,6 +113,7 @@ class SMITNet(nn.Module):
         input_mapping: Optional[IntensityMapping] = None,
         gradient_checkpointing: bool = False,
         decoder: str = "smit",
+        input_axes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         if decoder not in DECODERS:
@@ -100,6 +126,11 @@ class SMITNet(nn.Module):
                 f"got {feature_size}."
             )
         self.input_mapping = input_mapping
+        self.input_axes: Optional[Tuple[int, ...]] = None
+        if input_axes is not None and tuple(int(a) for a in input_axes) != (0, 1, 2):
+            if sorted(int(a) for a in input_axes) != [0, 1, 2]:
+                raise ValueError(f"input_axes must be a permutation of (0, 1, 2), got {list(input_axes)}.")
+            self.input_axes = tuple(int(a) for a in input_axes)
         self.encoder = SwinEncoder(self.config, gradient_checkpointing=gradient_checkpointing)
         self.decoder = DECODERS[decoder](in_channels, feature_size, num_classes, norm, deep_supervision)
 
@@ -111,8 +142,17 @@ class SMITNet(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.input_mapping is not None:
             x = self.input_mapping(x)
+        if self.input_axes is None:
+            enc = self.encoder(x)
+            return self.decoder(x, enc.features, enc.bottleneck)
+        to_zyx = [2 + a for a in inverse_permutation(self.input_axes)]
+        back = [2 + a for a in self.input_axes]
+        x = x.permute(0, 1, *to_zyx)
         enc = self.encoder(x)
-        return self.decoder(x, enc.features, enc.bottleneck)
+        out = self.decoder(x, enc.features, enc.bottleneck)
+        if isinstance(out, (list, tuple)):
+            return [o.permute(0, 1, *back) for o in out]
+        return out.permute(0, 1, *back)
 
     # The authors' complete fine-tuning network --------------------------------------------------------------
     @classmethod

@@ -193,6 +193,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
                 decoder_norm=cls.decoder_norm,
                 decoder=cls.decoder,
                 gradient_checkpointing=cls.gradient_checkpointing,
+                transpose_forward=plans.get("transpose_forward", (0, 1, 2)),
             )
             if weights is not None and not cls.require_pretrained_weights:
                 notes.append(f"SMIT: random init; architecture and conventions taken from {weights_path}.")
@@ -216,7 +217,14 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             f"SMIT intensities: channels {mapped} (CTNormalization) mapped back to HU {list(preprocessing.hu_window)} "
             f"-> {list(preprocessing.scaled_range)}; other channels pass through as nnU-Net normalised them."
         )
-        notes += plans_settings.convention_warnings(resolved["spacing"], preprocessing, resolved["normalization_schemes"])
+        axes = settings.get("transpose_forward")
+        notes.append(
+            f"SMIT axes: nnU-Net's arrays are the scans' (z, y, x) axes in the order {axes}; the network puts them back "
+            "into (z, y, x) for the encoder, as in pretraining, and returns logits in nnU-Net's order."
+            if axes is not None else
+            "SMIT axes: plans written before the axis handling; the encoder gets nnU-Net's axis order as trained.")
+        notes += plans_settings.convention_warnings(resolved["spacing"], preprocessing, resolved["normalization_schemes"],
+                                                    axes or (0, 1, 2))
         notes += plans_settings.clip_range_warnings(settings["intensity_mapping"], preprocessing, plans["dataset_name"],
                                                     plans["plans_name"], (settings.get("weights") or {}).get("path"))
         return notes, checkpoint
@@ -478,10 +486,14 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
 
 
 class nnUNetTrainerSMITScratch(nnUNetTrainerSMIT):
-    """The identical recipe from random init: the matched baseline. Uses the checkpoint's architecture when
-    ``nnUNet_SMIT_weights`` is set (weights are not loaded), the ``smit_small`` preset otherwise."""
+    """The same network and recipe from random init: the matched baseline. Uses the checkpoint's architecture when
+    ``nnUNet_SMIT_weights`` is set (weights are not loaded), the ``smit_small`` preset otherwise.
+
+    Layer-wise learning-rate decay exists to protect pretrained weights; a random encoder gets none (one learning rate
+    for the whole network, with the same warm-up and decay), as anyone training it from scratch would."""
 
     require_pretrained_weights = False
+    layer_decay = 1.0
 
 
 class nnUNetTrainerSMITFrozenEncoder(nnUNetTrainerSMIT):

@@ -11,6 +11,11 @@ so the trainer writes everything the network needs into ``plans['configurations'
      "gradient_checkpointing": recompute the encoder's blocks in backward (training memory; absent: false),
      "intensity_mapping": [per image channel: {"scheme", "mean", "std", "percentile_00_5", "percentile_99_5"}
                            for CTNormalization channels, else null],
+     "transpose_forward": the plans' axis order (nnU-Net's array axis i is the scan's (z, y, x) axis
+                          transpose_forward[i]); the network puts its input back into (z, y, x) for the encoder
+                          (absent in plans written before version 2: the encoder got nnU-Net's order),
+     "pad_value": what nnU-Net's zero padding of CT channels becomes on the encoder's scale, the pretraining's pad
+                  (absent before version 2: nnU-Net's 0, the foreground mean),
      "patch_fit": {"planned_patch_size", "planned_batch_size", "patch_size", "batch_size"},
      "weights": {"path", "sha256", "source"} or null (random init)}
 
@@ -29,7 +34,8 @@ from nnunet_smit.trainers.patch_fitting import PatchFit
 SMIT_PLANS_KEY = "smit"
 # Optional encoder path inside plans['configurations'][name] (smit_plan writes it; nnUNet_SMIT_weights wins).
 WEIGHTS_PLANS_KEY = "smit_weights"
-SETTINGS_FORMAT_VERSION = 1
+# 2: "transpose_forward" and "pad_value" (the encoder gets the pretraining's axes and padding).
+SETTINGS_FORMAT_VERSION = 2
 # nnU-Net's normalisation whose statistics let the network recover HU exactly (inside the clip range).
 CT_NORMALIZATION = "CTNormalization"
 # A dataset axis whose spacing differs from the pretraining spacing by more than this factor gets a warning.
@@ -82,8 +88,12 @@ def make_settings(
     decoder_norm: str = "instance",
     decoder: str = DEFAULT_DECODER,
     gradient_checkpointing: bool = False,
+    transpose_forward: Sequence[int] = (0, 1, 2),
 ) -> Dict[str, Any]:
     """The JSON-able ``smit`` entry of a plans configuration (see the module docstring).
+
+    ``transpose_forward`` is the plans' axis order (``plans['transpose_forward']``); the network undoes it before the
+    encoder, so that the encoder sees (z, y, x) as in pretraining.
 
     ``decoder`` names SMITNet's decoder, ``"smit"`` (the authors') or ``"light"``; plans written before the key
     existed hold none and mean ``"smit"``. ``gradient_checkpointing`` makes the encoder recompute its blocks in
@@ -104,6 +114,8 @@ def make_settings(
             "batch_size": patch_fit.batch_size,
         },
         "weights": dict(weights) if weights is not None else None,
+        "transpose_forward": [int(a) for a in transpose_forward],
+        "pad_value": float(preprocessing.scaled_range[0]),
     }
 
 
@@ -147,6 +159,7 @@ def build_intensity_mapping(settings: Dict[str, Any], num_input_channels: int) -
         std=[s["std"] if s is not None else None for s in stats],
         hu_window=preprocessing.hu_window,
         scaled_range=preprocessing.scaled_range,
+        pad_value=settings.get("pad_value"),
     )
 
 
@@ -167,6 +180,7 @@ def build_network(
         input_mapping=build_intensity_mapping(settings, num_input_channels),
         decoder=_known_decoder(settings.get("decoder", DEFAULT_DECODER)),
         gradient_checkpointing=bool(settings.get("gradient_checkpointing", False)),
+        input_axes=settings.get("transpose_forward"),
     )
 
 
@@ -201,11 +215,25 @@ def clip_range_warnings(
     return warnings
 
 
+def scan_axes_spacing(spacing_mm: Sequence[float], transpose_forward: Sequence[int]) -> List[float]:
+    """A plans spacing (in nnU-Net's transposed axis order) in the scan's (z, y, x) order, the encoder's."""
+    zyx = [0.0] * 3
+    for position, axis in enumerate(transpose_forward):
+        zyx[int(axis)] = float(spacing_mm[position])
+    return zyx
+
+
 def convention_warnings(
-    spacing_mm: Sequence[float], preprocessing: PretrainPreprocessing, normalization_schemes: Sequence[str]
+    spacing_mm: Sequence[float], preprocessing: PretrainPreprocessing, normalization_schemes: Sequence[str],
+    transpose_forward: Sequence[int] = (0, 1, 2),
 ) -> List[str]:
-    """Human-readable warnings where the dataset differs from how the encoder was pretrained."""
+    """Human-readable warnings where the dataset differs from how the encoder was pretrained.
+
+    ``spacing_mm`` is the plans' spacing, in nnU-Net's axis order (``transpose_forward``); it is compared with the
+    pretraining spacing in (z, y, x), the order the encoder sees.
+    """
     warnings: List[str] = []
+    spacing_mm = scan_axes_spacing(spacing_mm, transpose_forward)
     target = preprocessing.target_spacing_mm
     ratios = [float(s) / float(t) for s, t in zip(spacing_mm, target)]
     if any(r > SPACING_WARNING_FACTOR or r < 1.0 / SPACING_WARNING_FACTOR for r in ratios):

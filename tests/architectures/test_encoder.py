@@ -207,3 +207,34 @@ def test_intensity_mapping_recovers_hu_window():
     assert torch.allclose(y[0, 0].flatten(), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]), atol=1e-6)
     assert torch.equal(y[:, 1], x[:, 1])
     assert list(mapping.state_dict()) == []
+
+
+def test_intensity_mapping_turns_nnunets_zero_padding_into_the_pretraining_pad():
+    from nnunet_smit.architectures import IntensityMapping
+
+    x = torch.tensor([0.0, 0.5, -0.2]).view(1, 1, 3, 1, 1).repeat(1, 2, 1, 1, 1)
+    as_trained = IntensityMapping(mean=[40.0, None], std=[100.0, None])(x)
+    assert abs(float(as_trained[0, 0, 0]) - (40.0 + 175.0) / 425.0) < 1e-6  # nnU-Net's pad: the foreground mean
+    padded = IntensityMapping(mean=[40.0, None], std=[100.0, None], pad_value=0.0)(x)
+    assert float(padded[0, 0, 0]) == 0.0  # air, as the pretraining sampler pads
+    assert torch.equal(padded[0, 0, 1:], as_trained[0, 0, 1:]) and torch.equal(padded[:, 1], x[:, 1])
+
+
+@pytest.mark.parametrize("order", [(1, 0, 2), (2, 0, 1), (0, 2, 1)])
+def test_smitnet_gives_the_encoder_zyx_whatever_nnunets_axis_order(order):
+    from nnunet_smit.architectures import SMITNet
+
+    torch.manual_seed(0)
+    config = SMITConfig.preset("tiny")
+    zyx_net = SMITNet(config, in_channels=1, num_classes=2, deep_supervision=True).eval()
+    nnunet_net = SMITNet(config, in_channels=1, num_classes=2, deep_supervision=True, input_axes=order).eval()
+    nnunet_net.load_state_dict(zyx_net.state_dict())
+    zyx = torch.randn(1, 1, 64, 32, 96)
+    transposed = zyx.permute(0, 1, *[2 + a for a in order])  # nnU-Net's array: axis i is the scan's axis order[i]
+    seen = []
+    nnunet_net.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        expected, got = zyx_net(zyx), nnunet_net(transposed)
+    assert torch.equal(seen[0], zyx)
+    for e, g in zip(expected, got):  # every deep-supervision output, back in nnU-Net's order
+        assert torch.allclose(g, e.permute(0, 1, *[2 + a for a in order]), atol=1e-5)

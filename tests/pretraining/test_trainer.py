@@ -512,15 +512,19 @@ def test_init_encoder_of_another_architecture_is_refused_naming_the_preset_that_
         load_init_encoder(PretrainConfig(preset="smit_small", init_encoder=str(exported)))
     message = str(refused.value)
     assert "embed_dim 12 instead of 48" in message and message.endswith("pass --preset tiny.")
-    # The authors' released layout ({'state_dict': ...} with a DDP prefix and their mask token) fits smit_small.
+    # The authors' released layout ({'state_dict': ...} with a DDP prefix and their mask token) fits smit_small_authors.
     from nnunet_smit.architectures.swin_encoder import SwinEncoder
 
     authors = {f"module.{k}": v for k, v in SwinEncoder(SMITConfig.preset("smit_small")).state_dict().items()}
     authors["module.mask_token"] = torch.zeros(1, 1, 48)
     torch.save({"epoch": 10, "state_dict": authors}, tmp_path / "pre_train_weight.pt")
     authors_file = str(tmp_path / "pre_train_weight.pt")
-    checkpoint = load_init_encoder(PretrainConfig(preset="smit_small", init_encoder=authors_file))
+    # they carry the authors' window-reverse slip: a fresh smit_small is told which preset keeps it
+    with pytest.raises(SMITError, match="legacy_window_reverse True instead of False.*pass --preset smit_small_authors"):
+        load_init_encoder(PretrainConfig(preset="smit_small", init_encoder=authors_file))
+    checkpoint = load_init_encoder(PretrainConfig(preset="smit_small_authors", init_encoder=authors_file))
     assert checkpoint.source == "official_pretrain" and "mask_token" not in checkpoint.state_dict
+    assert checkpoint.config.legacy_window_reverse
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SMITError, match="cannot be read"):
         load_init_encoder(PretrainConfig(preset="tiny", init_encoder=str(tmp_path / "broken.pt")))

@@ -72,3 +72,11 @@ def test_frozen_encoder_leaves_encoder_out(network):
     names = [n for g in groups for n in g["param_names"]]
     assert names and not any(n.startswith("encoder.") for n in names)
 
+
+
+def test_the_scratch_twin_trains_its_random_encoder_at_one_learning_rate():
+    from nnunet_smit import trainers
+
+    scratch = [getattr(trainers, n) for n in dir(trainers) if "Scratch" in n and n.startswith("nnUNetTrainerSMIT")]
+    assert scratch and all(t.layer_decay == 1.0 for t in scratch)
+    assert trainers.nnUNetTrainerSMIT.layer_decay < 1.0  # the pretrained encoder keeps its layer-wise decay
