@@ -1,11 +1,15 @@
 """One arm of a study trained and scored through nnU-Net's own trainer.
 
-An arm is a trainer class plus, for SMIT arms, the encoder checkpoint handed to it through ``nnUNet_SMIT_weights``,
-trained on one study fold of ``splits_final.json``. It runs in this process the way ``nnUNetv2_train`` runs a fold
+An arm is a trainer class and its plans plus, for SMIT arms, the encoder checkpoint handed to it through
+``nnUNet_SMIT_weights``, trained on one study fold of ``splits_final.json``. It runs in this process the way ``nnUNetv2_train`` runs a fold
 (trainer from the preprocessed plans, ``run_training``, ``perform_actual_validation``), with the study's budget
 set on the trainer and ``nnUNet_results`` pointed at the arm's own folder, so that two encoders fine-tuned by the
 same trainer class never share a results folder. nnU-Net's final validation predicts the fold's ``val`` cases, the
 held-out test set, and writes ``validation/summary.json``, from which the arm's Dice is read.
+
+Each fold folder keeps a record of what trained it (:func:`arm_identity`: trainer, plans, configuration, budget, cases
+and the sha256 of the encoder's weights) in ``smit_study_arm.json``; a study reuses a fold only when that record is the
+one it would write now.
 """
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from nnunet_smit.errors import SMITError
+from nnunet_smit.files import atomic_write
 from nnunet_smit.trainers.nnUNetTrainerSMIT import WEIGHTS_ENV, load_nnunet_checkpoint
 
 # nnU-Net's ratio of validation to training iterations per epoch (50 to 250).
@@ -36,12 +42,15 @@ class Arm:
         trainer: nnU-Net trainer class name.
         weights: checkpoint given to the trainer through ``nnUNet_SMIT_weights`` (None: variable unset). Scratch arms
             get the first encoder here for its architecture; their trainer does not load its weights.
+        plans: nnU-Net plans identifier of this arm (None: the study's ``-p``). nnU-Net's default arm always trains
+            on nnU-Net's default plans.
     """
 
     name: str
     encoder: str
     trainer: str
     weights: Optional[str] = None
+    plans: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,54 @@ def fold_folder(arm_results: Path, dataset_name: str, trainer: str, plans: str, 
     return Path(arm_results) / dataset_name / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
 
 
+ARM_RECORD = "smit_study_arm.json"
+
+
+def arm_identity(arm: Arm, plans: str, configuration: str, budget: Budget, train_cases: Sequence[str],
+                 test_cases: Sequence[str], encoder_sha256: Optional[str],
+                 architecture: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """What makes a trained fold this arm's: reused only when every field is the same.
+
+    Args:
+        encoder_sha256: sha256 of the weights the arm starts from (pretrained arms), else None.
+        architecture: the encoder architecture a scratch arm builds (from the first encoder), else None.
+    """
+    return {"trainer": arm.trainer, "plans": plans, "configuration": configuration, "budget": asdict(budget),
+            "train_cases": sorted(train_cases), "test_cases": sorted(test_cases), "encoder_sha256": encoder_sha256,
+            "architecture": architecture}
+
+
+def identity_differences(recorded: Optional[Dict[str, Any]], wanted: Dict[str, Any]) -> List[str]:
+    """Why a trained fold is not the arm wanted now ([] when it is), in words for the log."""
+    if recorded is None:
+        return ["it has no record of what trained it (an earlier version of smit_study, or nnUNetv2_train by hand)"]
+    names = {"encoder_sha256": "the encoder file's weights", "architecture": "the encoder architecture",
+             "budget": "the budget"}
+    reasons = []
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            was, now = recorded.get(key), value
+            if key == "encoder_sha256":
+                was, now = (str(was)[:12] if was else was), (str(now)[:12] if now else now)
+            reasons.append(f"{names.get(key, key)} changed ({was} then, {now} now)")
+    return reasons
+
+
+def read_arm_record(fold: Path) -> Optional[Dict[str, Any]]:
+    """The record a study wrote into a fold folder, or None (none, or unreadable)."""
+    try:
+        record = json.loads((Path(fold) / ARM_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_arm_record(fold: Path, identity: Dict[str, Any]) -> None:
+    Path(fold).mkdir(parents=True, exist_ok=True)
+    text = json.dumps(identity, indent=2) + "\n"
+    atomic_write(Path(fold) / ARM_RECORD, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def read_dice(summary_file: Path, label_names: Dict[str, str]) -> Dict[str, Any]:
     """Mean foreground Dice and Dice per class from nnU-Net's ``validation/summary.json``.
 
@@ -114,21 +171,31 @@ def train_arm(trainer_class: type, plans: Dict[str, Any], dataset_json: Dict[str
               fold: int, arm: Arm, arm_results: Path, budget: Budget, device: torch.device) -> float:
     """Train one arm on one fold and run nnU-Net's final validation; returns the seconds it took.
 
-    Resumes an interrupted arm from its ``checkpoint_latest.pth`` like ``nnUNetv2_train --c``.
+    Resumes an interrupted arm from its ``checkpoint_latest.pth`` like ``nnUNetv2_train --c``; an arm whose
+    ``checkpoint_final.pth`` is on disk (interrupted during its final validation) is validated, not trained again.
     """
     start = time.time()
     with _environment(nnUNet_results=str(arm_results), **{WEIGHTS_ENV: arm.weights}):
         plans = json.loads(json.dumps(plans))  # the trainer edits its plans
         output = fold_folder(arm_results, plans["dataset_name"], arm.trainer, plans["plans_name"], configuration,
                              fold)
-        latest = output / "checkpoint_latest.pth"
-        plans["continue_training"] = latest.is_file()
+        final, latest = output / "checkpoint_final.pth", output / "checkpoint_latest.pth"
+        resume = final if final.is_file() else latest if latest.is_file() else None
+        plans["continue_training"] = resume is not None
         trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                                 device=device)
         apply_budget(trainer, budget)
-        if latest.is_file():  # read weights-only, handed over as a dict (nnU-Net's own reader unpickles anything)
-            trainer.load_checkpoint(load_nnunet_checkpoint(str(latest), trainer.device))
-        trainer.run_training()
+        if resume is not None:  # read weights-only, handed over as a dict (nnU-Net's own reader unpickles anything)
+            try:
+                saved = load_nnunet_checkpoint(str(resume), trainer.device)
+            except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
+                raise SMITError(f"{resume} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                                f"); move it away and rerun: arm {arm.name} then trains this fold again.") from None
+            trainer.load_checkpoint(saved)
+        if resume is final:
+            print(f"[smit_study]   {final.name} is on disk: validating it, not training again", flush=True)
+        else:
+            trainer.run_training()
         if budget.disable_tta:
             trainer.inference_allowed_mirroring_axes = None
         trainer.perform_actual_validation(False)

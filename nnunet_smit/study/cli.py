@@ -2,9 +2,10 @@
 
     smit_study -d DATASET -o OUT --encoder A.pt [--encoder B.pt ...] --labelled 1 2 4 8 --seeds 3 \\
                [--baselines scratch nnunet] [--trainer nnUNetTrainerSMIT] [--epochs E] [--iterations_per_epoch I] \\
-               [-c 3d_fullres] [-p nnUNetPlans] [-device cuda]
+               [-c 3d_fullres] [-p nnUNetPlans_SMIT] [--allow_clipped_window] [-device cuda]
 
-Rerunning the same command resumes: finished arms are skipped.
+Rerunning the same command resumes: finished arms whose record (trainer, plans, budget, cases, encoder weights) still
+holds are reused, the others are trained again. nnU-Net's default arm trains on nnU-Net's default plans.
 """
 from __future__ import annotations
 
@@ -42,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--disable_tta", action="store_true",
                         help="score without mirroring test-time augmentation (8x faster validation)")
     parser.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="nnU-Net plans identifier")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans",
+                        help="nnU-Net plans of the SMIT arms, e.g. nnUNetPlans_SMIT from smit_plan (nnU-Net's default "
+                             "arm always trains on nnUNetPlans)")
+    parser.add_argument("--allow_clipped_window", action="store_true",
+                        help="train encoder arms whose plans clip CT inside the encoder's HU window (refused "
+                             "otherwise; flagged in the table)")
     parser.add_argument("-device", "--device", choices=["cuda", "cpu", "mps"],
                         help="training device (default cuda when available, else cpu)")
     return parser
@@ -66,15 +72,21 @@ def settings_from_args(args: argparse.Namespace):
         seeds=args.seeds, baselines=list(dict.fromkeys(args.baselines)), trainer=args.trainer,
         configuration=args.configuration, plans=args.plans,
         budget=Budget(args.epochs, args.iterations_per_epoch, args.disable_tta), device=device,
-        test_fraction=args.test_fraction,
+        test_fraction=args.test_fraction, allow_clipped_window=args.allow_clipped_window,
     )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import signal
+
     from nnunet_smit.study.study import run_study
 
+    def terminate(signum, frame):  # noqa: ARG001 - SIGTERM (a scheduler's stop) ends like Ctrl-C, with its line
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     return run_cli(lambda: print(str(run_study(settings_from_args(args))), flush=True), args.output,
                    "interrupted; rerun the same command to resume (finished arms are kept).")
 

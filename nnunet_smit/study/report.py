@@ -48,8 +48,9 @@ def markdown_table(rows: Sequence[Dict[str, Any]], arms: Sequence[str], labelled
 
 
 def write_study_md(path: Path, header: Dict[str, Any], rows: Sequence[Dict[str, Any]], arms: Sequence[str],
-                   labelled: Sequence[int]) -> None:
-    """The table with what it was measured on (dataset, test cases, seeds, budget) above it."""
+                   labelled: Sequence[int], added: Sequence[Tuple[str, int, int]] = ()) -> None:
+    """The table with what it was measured on (dataset, test cases, seeds, budget) above it, what each arm is (plans,
+    exported side of its encoder, a clipped HU window) and which rows this run added (``added``: (arm, k, seed))."""
     budget = header["budget"]
     text = [
         f"# smit_study: {header['dataset']} ({header['configuration']}, {header['plans']})",
@@ -61,12 +62,27 @@ def write_study_md(path: Path, header: Dict[str, Any], rows: Sequence[Dict[str, 
         "",
         markdown_table(rows, arms, labelled),
         "",
-        "Arms: " + "; ".join(f"{a['name']} = {a['encoder']} ({a['trainer']})" for a in header["arms"]) + ".",
+        "Arms: " + "; ".join(_describe_arm(a, header, rows) for a in header["arms"]) + ".",
+        "",
+        (f"This run added {len(added)} row(s): " + ", ".join(f"{a} k={k} seed {s}" for a, k, s in added) + "; the "
+         "others were trained earlier in this folder." if added else
+         "This run added no row: every arm was trained earlier in this folder."),
     ]
+    if header.get("clipped_window"):
+        text += ["", "**Clipped HU window** (trained with --allow_clipped_window): the plans clip CT inside the encoder's "
+                 "window for " + ", ".join(sorted(header["clipped_window"])) + "; their Dice is not the encoder's on "
+                 "the input it was pretrained on."]
     if header.get("leakage"):
         text += ["", "**Leakage:** held-out cases seen in pretraining: "
                  + "; ".join(f"{enc}: {', '.join(sorted(cases))}" for enc, cases in header["leakage"].items())]
     _write_text_atomic(Path(path), "\n".join(text) + "\n")
+
+
+def _describe_arm(arm: Dict[str, Any], header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
+    """``name = encoder (trainer, plans[, exported side])`` for the arms line of study.md."""
+    side = next((r.get("exported_side") for r in rows if r["arm"] == arm["name"] and r.get("exported_side")), None)
+    details = [arm["trainer"], arm.get("plans") or header["plans"]] + ([f"{side} exported"] if side else [])
+    return f"{arm['name']} = {arm['encoder']} ({', '.join(details)})"
 
 
 def plot_study(path: Path, rows: Sequence[Dict[str, Any]], arms: Sequence[str], title: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -19,13 +20,32 @@ import torch
 from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
 from nnunet_smit.errors import SMITError
 from nnunet_smit.study import report
-from nnunet_smit.study.arms import Arm, Budget, fold_folder, read_dice, train_arm
-from nnunet_smit.study.splits import assign_folds, held_out_cases, labelled_sets
+from nnunet_smit.files import FolderBusy, FolderLock
+from nnunet_smit.study.arms import (
+    Arm,
+    Budget,
+    arm_identity,
+    fold_folder,
+    identity_differences,
+    read_arm_record,
+    read_dice,
+    train_arm,
+    write_arm_record,
+)
+from nnunet_smit.study.splits import (
+    assign_folds,
+    check_fully_preprocessed,
+    held_out_cases,
+    labelled_sets,
+    read_splits,
+)
 
 logger = logging.getLogger(__name__)
 
 BASELINES = ("scratch", "nnunet")
 NNUNET_DEFAULT_TRAINER = "nnUNetTrainer"
+# nnU-Net's default arm trains on nnU-Net's own plans and patch, whatever -p the SMIT arms use.
+NNUNET_DEFAULT_PLANS = "nnUNetPlans"
 STUDY_FORMAT = "nnunet_smit.study"
 
 
@@ -46,6 +66,8 @@ class StudySettings:
         budget: epochs and iterations of every arm.
         device: "cuda", "cpu" or "mps".
         test_fraction: share of the training cases held out for testing.
+        allow_clipped_window: train an encoder arm although the plans' CT clip range cuts into the encoder's HU
+            window (flagged in the log and the table); refused otherwise.
     """
 
     dataset: str
@@ -60,6 +82,7 @@ class StudySettings:
     budget: Budget = field(default_factory=Budget)
     device: str = "cuda"
     test_fraction: float = 0.2
+    allow_clipped_window: bool = False
 
 
 @dataclass
@@ -198,8 +221,37 @@ def build_arms(settings: StudySettings) -> Tuple[List[Arm], Dict[str, EncoderChe
         # the first encoder's architecture, so that pretrained and scratch differ only in the initial weights
         arms.append(Arm("scratch", "scratch", scratch, arms[0].weights if arms else None))
     if "nnunet" in settings.baselines:
-        arms.append(Arm("nnunet", "nnunet", NNUNET_DEFAULT_TRAINER))
+        arms.append(Arm("nnunet", "nnunet", NNUNET_DEFAULT_TRAINER, plans=NNUNET_DEFAULT_PLANS))
     return arms, checkpoints
+
+
+def exported_side_of(checkpoint: EncoderCheckpoint) -> Optional[str]:
+    """Which side of a pretraining run the checkpoint holds ("teacher" or "student"), None for foreign weights."""
+    summary = checkpoint.summary or {}
+    side = summary.get("exported_side") or summary.get("exported")
+    if side is None:
+        side = (summary.get("from_pretraining_state") or {}).get("encoder")
+    return side
+
+
+def clipped_windows(dataset: "_Dataset", configuration: str, plans: str, arms: Sequence[Arm],
+                    checkpoints: Dict[str, EncoderCheckpoint]) -> Dict[str, List[str]]:
+    """{arm name: warnings} for SMIT arms whose plans clip CT inside their encoder's HU window."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_smit.trainers.plans_settings import clip_range_warnings, intensity_statistics
+
+    resolved = PlansManager(dataset.plans).get_configuration(configuration).configuration
+    stats = intensity_statistics(dataset.plans, resolved)
+    clipped: Dict[str, List[str]] = {}
+    for arm in arms:
+        checkpoint = checkpoints.get(arm.weights or "")
+        if checkpoint is None or arm.plans is not None:
+            continue
+        warnings = clip_range_warnings(stats, checkpoint.preprocessing, dataset.name, plans, arm.weights)
+        if warnings:
+            clipped[arm.name] = warnings
+    return clipped
 
 
 def check_leakage(dataset: _Dataset, test_cases: Sequence[str],
@@ -275,18 +327,71 @@ def _format_seconds(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
+def _datasets(settings: StudySettings, arms: Sequence[Arm]) -> Dict[str, _Dataset]:
+    """The planned and preprocessed dataset of every plans the arms train on (the study's -p, and nnU-Net's default
+    plans for its default arm), each holding the same cases."""
+    names = [settings.plans] + [a.plans for a in arms if a.plans is not None and a.plans != settings.plans]
+    datasets = {name: resolve_dataset(settings.dataset, settings.configuration, name) for name in dict.fromkeys(names)}
+    study = datasets[settings.plans]
+    from nnunetv2.paths import nnUNet_raw
+
+    for name, other in datasets.items():  # a killed preprocessing must not pass for a smaller dataset
+        if nnUNet_raw.is_set():
+            check_fully_preprocessed(Path(nnUNet_raw.get()) / other.name, other.case_ids, settings.dataset,
+                                     settings.configuration)
+    read_splits(study.preprocessed / "splits_final.json")  # a malformed file is one line before any work
+    for name, other in datasets.items():
+        if other.case_ids != study.case_ids:
+            missing = sorted(set(study.case_ids) ^ set(other.case_ids))
+            raise SMITError(f"{other.name} holds other cases preprocessed with {name} than with {settings.plans} "
+                            f"({len(missing)} differ, first {missing[0]}); run "
+                            f"{_plan_command(settings.dataset, settings.configuration)} (and smit_plan) again.")
+    return datasets
+
+
+def _arm_inputs(arm: Arm, checkpoints: Dict[str, EncoderCheckpoint]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """(sha256 of the weights an arm starts from, architecture a scratch arm builds) for its identity record."""
+    checkpoint = checkpoints.get(arm.weights or "")
+    if checkpoint is None:
+        return None, None
+    if arm.encoder == "scratch":
+        return None, checkpoint.config.to_dict()
+    return checkpoint.sha256, None
+
+
+def _move_aside(folder: Path) -> Path:
+    """Rename a fold folder that another arm setting trained, keeping its files: ``fold_N.replaced-<time>``."""
+    target = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(target)
+    return target
+
+
 def run_study(settings: StudySettings) -> Path:
     """Check everything, train every unfinished arm, and write study.json / study.md / study.png into OUT.
+
+    A fold already trained is reused only when the record it carries (trainer, plans, budget, cases, the sha256 of the
+    encoder's weights) is the one this study would write; otherwise it is moved aside (kept, renamed) and trained
+    again, and the log says why.
 
     Returns:
         The path of ``study.md``.
     """
-    dataset = resolve_dataset(settings.dataset, settings.configuration, settings.plans)
+    arms, checkpoints = build_arms(settings)
+    datasets = _datasets(settings, arms)
+    dataset = datasets[settings.plans]
     test_cases = held_out_cases(dataset.case_ids, settings.test_fraction)
     pool = [c for c in dataset.case_ids if c not in set(test_cases)]
     subsets = labelled_sets(pool, settings.labelled, settings.seeds)
-    arms, checkpoints = build_arms(settings)
     trainers = {arm.trainer: find_trainer(arm.trainer) for arm in arms}
+    clipped = clipped_windows(dataset, settings.configuration, settings.plans, arms, checkpoints)
+    for name, warnings in clipped.items():
+        for warning in warnings:
+            logger.warning("arm %s: %s", name, warning.removeprefix("WARNING: "))
+    if clipped and not settings.allow_clipped_window:
+        raise SMITError(f"the plans {settings.plans} clip CT inside the HU window of the encoder of arm(s) "
+                        f"{', '.join(clipped)}, which would fine-tune on other intensities than it was pretrained on; "
+                        f"run smit_plan -d {settings.dataset} --encoder FILE and pass -p {settings.plans}_SMIT, or "
+                        "pass --allow_clipped_window to train them anyway (flagged in the table).")
     leakage, notes = check_leakage(dataset, test_cases, checkpoints)
     for note in notes:
         logger.warning(note)
@@ -297,13 +402,32 @@ def run_study(settings: StudySettings) -> Path:
 
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out / ".smit_study.lock", f"the study folder {out}")
+    try:
+        lock.acquire()
+    except FolderBusy as busy:
+        raise SMITError(f"{busy}; wait for that study to finish, or use another -o folder.") from None
+    try:
+        return _run_locked(settings, out, datasets, arms, checkpoints, subsets, test_cases, trainers, clipped,
+                           leakage)
+    finally:
+        lock.release()
+
+
+def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset], arms: List[Arm],
+                checkpoints: Dict[str, EncoderCheckpoint], subsets: list, test_cases: List[str],
+                trainers: Dict[str, type], clipped: Dict[str, List[str]], leakage: Dict[str, Any]) -> Path:
+    dataset = datasets[settings.plans]
     header = _header(settings, dataset, arms, test_cases, leakage)
+    header["clipped_window"] = {name: warnings for name, warnings in clipped.items()}
     study_json = out / "study.json"
     _check_resumable(study_json, header)
+    previous_rows = (json.loads(study_json.read_text(encoding="utf-8")).get("rows", [])
+                     if study_json.is_file() else [])
     (out / "test_cases.json").write_text(json.dumps({"dataset": dataset.name, "test_cases": test_cases}, indent=2),
                                          encoding="utf-8")
     folds = assign_folds(dataset.preprocessed / "splits_final.json", dataset.case_ids,
-                         [(s.train_cases, test_cases) for s in subsets])
+                         [(s.train_cases, test_cases) for s in subsets], configuration=settings.configuration)
     label_names = {str(value): name for name, value in dataset.dataset_json["labels"].items()
                    if not isinstance(value, (list, tuple))}
 
@@ -315,30 +439,55 @@ def run_study(settings: StudySettings) -> Path:
         torch.set_num_threads(multiprocessing.cpu_count())  # as nnUNetv2_train does on the CPU
     rows: List[Dict[str, Any]] = []
     durations: Dict[str, List[float]] = {}
-    labelled = sorted(set(settings.labelled))
-    arm_names = [arm.name for arm in arms]
 
-    def write_outputs() -> None:
-        report.write_study_json(study_json, header, rows)
-        report.write_study_md(out / "study.md", header, rows, arm_names, labelled)
-        report.plot_study(out / "study.png", rows, arm_names,
-                          f"{dataset.name}: held-out Dice ({len(test_cases)} cases), {settings.seeds} seed(s)")
+    def plans_of(arm: Arm) -> str:
+        return arm.plans or settings.plans
 
     def fold_of(fold: int, arm: Arm) -> Path:
-        return fold_folder(out / "arms" / arm.name, dataset.name, arm.trainer, settings.plans,
+        return fold_folder(out / "arms" / arm.name, dataset.name, arm.trainer, plans_of(arm),
                            settings.configuration, fold)
+
+    def identity_of(subset, arm: Arm) -> Dict[str, Any]:
+        sha, architecture = _arm_inputs(arm, checkpoints)
+        return arm_identity(arm, plans_of(arm), settings.configuration, settings.budget, subset.train_cases,
+                            test_cases, sha, architecture)
 
     def finished(folder: Path) -> bool:
         return (folder / "validation" / "summary.json").is_file() and (folder / "checkpoint_final.pth").is_file()
 
-    earlier = {(r["arm"], r["labelled"], r["seed"]): r.get("seconds")
-               for r in (json.loads(study_json.read_text(encoding="utf-8")).get("rows", [])
-                         if study_json.is_file() else [])}
+    def stale_reasons(folder: Path, subset, arm: Arm) -> List[str]:
+        """Why the fold folder on disk is not this arm's ([] when it is, or when nothing is there yet)."""
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return []
+        return identity_differences(read_arm_record(folder), identity_of(subset, arm))
+
+    # Rows of earlier runs of this folder whose arms this command line does not name are kept in the report.
+    current = {(arm.name, subset.labelled, subset.seed) for subset, _, arm in jobs}
+    kept_rows = [r for r in previous_rows if (r["arm"], r["labelled"], r["seed"]) not in current
+                 and finished(Path(r["results_folder"]))]
+    earlier = {(r["arm"], r["labelled"], r["seed"]): r.get("seconds") for r in previous_rows}
+    arm_names = [arm.name for arm in arms] + list(dict.fromkeys(r["arm"] for r in kept_rows
+                                                                 if r["arm"] not in {a.name for a in arms}))
+    labelled = sorted(set(settings.labelled) | {int(r["labelled"]) for r in kept_rows})
+    added: List[Tuple[str, int, int]] = []
+
+    def write_outputs() -> None:
+        all_rows = kept_rows + rows
+        report.write_study_json(study_json, header, all_rows)
+        report.write_study_md(out / "study.md", header, all_rows, arm_names, labelled, added=added)
+        report.plot_study(out / "study.png", all_rows, arm_names,
+                          f"{dataset.name}: held-out Dice ({len(test_cases)} cases), {settings.seeds} seed(s)")
+
     for index, (subset, fold, arm) in enumerate(jobs, start=1):
         arm_results = out / "arms" / arm.name
         folder = fold_of(fold, arm)
         summary = folder / "validation" / "summary.json"
         what = f"arm {index} of {len(jobs)}: {arm.name}, k={subset.labelled}, seed {subset.seed} (fold {fold})"
+        reasons = stale_reasons(folder, subset, arm)
+        if reasons:
+            moved = _move_aside(folder)
+            print(f"[smit_study] {what}: the fold on disk is not this arm ({'; '.join(reasons)}): moved to "
+                  f"{moved.name} and trained again", flush=True)
         trained_now = not finished(folder)
         if not trained_now:
             print(f"[smit_study] {what}: finished earlier, skipped", flush=True)
@@ -351,11 +500,18 @@ def run_study(settings: StudySettings) -> Path:
                                for _, f, a in jobs[index - 1:] if not finished(fold_of(f, a)))
                 eta = f"; about {_format_seconds(estimate)} left"
             print(f"[smit_study] {what}: training on {', '.join(subset.train_cases)}{eta}", flush=True)
-            seconds = train_arm(trainers[arm.trainer], dataset.plans, dataset.dataset_json, settings.configuration,
-                                fold, arm, arm_results, settings.budget, device)
+            write_arm_record(folder, identity_of(subset, arm))
+            seconds = train_arm(trainers[arm.trainer], datasets[plans_of(arm)].plans, dataset.dataset_json,
+                                settings.configuration, fold, arm, arm_results, settings.budget, device)
             durations.setdefault(arm.name, []).append(seconds)
-        row = {"arm": arm.name, "encoder": arm.encoder, "trainer": arm.trainer, "labelled": subset.labelled,
-               "seed": subset.seed, "fold": fold, "train_cases": list(subset.train_cases), "test_cases": test_cases,
+            added.append((arm.name, subset.labelled, subset.seed))
+        checkpoint = checkpoints.get(arm.weights or "") if arm.encoder not in BASELINES else None
+        row = {"arm": arm.name, "encoder": arm.encoder, "trainer": arm.trainer, "plans": plans_of(arm),
+               "encoder_sha256": checkpoint.sha256 if checkpoint is not None else None,
+               "exported_side": exported_side_of(checkpoint) if checkpoint is not None else None,
+               "clipped_window": arm.name in clipped,
+               "labelled": subset.labelled, "seed": subset.seed, "fold": fold,
+               "train_cases": list(subset.train_cases), "test_cases": test_cases,
                **read_dice(summary, label_names), "results_folder": str(folder),
                "seconds": None if seconds is None else round(seconds, 1)}
         rows.append(row)
@@ -364,5 +520,5 @@ def run_study(settings: StudySettings) -> Path:
                   if row["dice"] is not None else f"[smit_study] {what}: no Dice (no foreground)", flush=True)
         write_outputs()
     write_outputs()
-    print(report.markdown_table(rows, arm_names, labelled), flush=True)
+    print(report.markdown_table(kept_rows + rows, arm_names, labelled), flush=True)
     return out / "study.md"

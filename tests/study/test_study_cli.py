@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnunet_smit.architectures import SMITConfig, SwinEncoder
 from nnunet_smit.checkpoint import load_encoder_checkpoint, save_encoder_checkpoint
@@ -70,9 +71,12 @@ def study(nnunet_dirs):
                     "-npfp", "1"], env={**os.environ, "nnUNet_n_proc_DA": "1"}, check=True, capture_output=True)
     images = dirs["nnUNet_raw"] / name / "imagesTr"
     leaky = _encoder(root / "leaky.pt", {fingerprint_image_file(p): p.name for p in sorted(images.iterdir())})
+    # the SMIT arms train on smit_plan's plans (the encoder's whole HU window), nnU-Net's arm on its default plans
+    subprocess.run(["smit_plan", "-d", str(DATASET_ID), "--encoder", str(leaky), "-np", "1"],
+                   env={**os.environ, "nnUNet_n_proc_DA": "1"}, check=True, capture_output=True)
     argv = ["-d", str(DATASET_ID), "-o", str(root / "out"), "--encoder", str(leaky), "--labelled", "1", "2",
             "--seeds", "1", "--trainer", "nnUNetTrainerSMIT_tiny", "--epochs", "1", "--iterations_per_epoch", "1",
-            "--disable_tta", "-device", "cpu"]
+            "--disable_tta", "-device", "cpu", "-p", "nnUNetPlans_SMIT"]
     assert main(argv) == 0
     return root, dirs, name, argv, leaky
 
@@ -105,6 +109,36 @@ def test_every_arm_trains_on_the_same_cases_and_is_scored_on_the_held_out_set(st
     assert splits[6] == {"train": sorted(two), "val": result["test_cases"]}
     assert (root / "out" / "study.md").read_text(encoding="utf-8").count("(n=1)") == 6
     assert (root / "out" / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_nnunet_arm_trains_on_nnunets_default_plans_and_patch_under_smit_plans(study):
+    root, dirs, name, _, _ = study
+    rows = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))["rows"]
+    default = json.loads((dirs["nnUNet_preprocessed"] / name / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    smit = json.loads((dirs["nnUNet_preprocessed"] / name / "nnUNetPlans_SMIT.json").read_text(encoding="utf-8"))
+    default_patch = default["configurations"]["3d_fullres"]["patch_size"]
+    assert default_patch != smit["configurations"]["3d_fullres"]["patch_size"]  # the test would otherwise say nothing
+    for row in rows:
+        trained = json.loads((Path(row["results_folder"]).parent / "plans.json").read_text(encoding="utf-8"))
+        if row["arm"] == "nnunet":
+            assert row["plans"] == trained["plans_name"] == "nnUNetPlans"
+            assert trained["configurations"]["3d_fullres"]["patch_size"] == default_patch
+            assert trained["foreground_intensity_properties_per_channel"] == \
+                default["foreground_intensity_properties_per_channel"]
+        else:
+            assert row["plans"] == trained["plans_name"] == "nnUNetPlans_SMIT"
+    encoder_rows = [r for r in rows if r["arm"] not in ("scratch", "nnunet")]
+    assert {r["exported_side"] for r in encoder_rows} == {None}  # saved by hand, not by a pretraining run
+    assert all(r["encoder_sha256"] == load_encoder_checkpoint(r["encoder"]).sha256 for r in encoder_rows)
+
+
+def test_an_encoder_whose_window_the_plans_clip_is_refused_in_one_line(study, capsys, tmp_path):
+    root, dirs, name, argv, leaky = study
+    err = _one_line_error(capsys, ["-d", str(DATASET_ID), "-o", str(tmp_path / "out"), "--encoder", str(leaky),
+                                   "--labelled", "1", "--seeds", "1", "--trainer", "nnUNetTrainerSMIT_tiny",
+                                   "-device", "cpu"])
+    assert "clip CT inside the HU window of the encoder of arm(s) leaky" in err and "smit_plan" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_held_out_case_seen_in_pretraining_is_reported_and_a_clean_encoder_is_not(study, caplog):
@@ -163,3 +197,25 @@ def test_the_scratch_twin_of_each_smit_trainer():
     assert scratch_trainer_name("nnUNetTrainerSMIT_96") == "nnUNetTrainerSMITScratch_96"
     assert scratch_trainer_name("nnUNetTrainerSMITLight") == "nnUNetTrainerSMITLightScratch"
     assert scratch_trainer_name("nnUNetTrainerSMITLight_64") == "nnUNetTrainerSMITLightScratch_64"
+
+
+def test_a_rerun_after_the_encoder_file_changed_retrains_its_arms(study, capsys):
+    root, dirs, name, argv, leaky = study
+    before = {(r["arm"], r["labelled"]): r for r in json.loads((root / "out" / "study.json").read_text())["rows"]}
+    # re-pretrained to the same path: same architecture, other weights
+    config = SMITConfig.preset("tiny")
+    torch.manual_seed(7)
+    save_encoder_checkpoint(leaky, SwinEncoder(config).state_dict(), config)
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("the encoder file's weights changed") == 2, out  # the leaky arm at k=1 and k=2
+    assert out.count("finished earlier, skipped") == 4  # scratch (same architecture) and nnunet are reused
+    after = {(r["arm"], r["labelled"]): r for r in json.loads((root / "out" / "study.json").read_text())["rows"]}
+    new_sha = load_encoder_checkpoint(leaky).sha256
+    for k in (1, 2):
+        assert before[("leaky", k)]["encoder_sha256"] != new_sha == after[("leaky", k)]["encoder_sha256"]
+        folder = Path(after[("leaky", k)]["results_folder"])
+        record = json.loads((folder / "smit_study_arm.json").read_text())
+        assert record["encoder_sha256"] == new_sha
+        assert list(folder.parent.glob(folder.name + ".replaced-*"))  # the old fold is kept, renamed
