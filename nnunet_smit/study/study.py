@@ -227,11 +227,7 @@ def build_arms(settings: StudySettings) -> Tuple[List[Arm], Dict[str, EncoderChe
 
 def exported_side_of(checkpoint: EncoderCheckpoint) -> Optional[str]:
     """Which side of a pretraining run the checkpoint holds ("teacher" or "student"), None for foreign weights."""
-    summary = checkpoint.summary or {}
-    side = summary.get("exported_side") or summary.get("exported")
-    if side is None:
-        side = (summary.get("from_pretraining_state") or {}).get("encoder")
-    return side
+    return checkpoint.exported_side
 
 
 def clipped_windows(dataset: "_Dataset", configuration: str, plans: str, arms: Sequence[Arm],
