@@ -92,9 +92,17 @@ def read_state(path: Path) -> Dict[str, Any]:
     return state
 
 
+# Presets that had the authors' window reverse before it moved to their "_authors" twins.
+AUTHORS_PRESETS = {"smit_small": "smit_small_authors", "smit_lung": "smit_lung_authors"}
+
+
 def check_same_settings(state: Dict[str, Any], config: PretrainConfig, output_dir: Path) -> None:
     """Refuse to resume a run whose training settings differ from ``config`` (runtime settings may differ)."""
-    saved = PretrainConfig.from_dict({**DEFAULTS_BEFORE_THEY_EXISTED, **state["config"]}).training_fields()
+    saved_dict = {**DEFAULTS_BEFORE_THEY_EXISTED, **state["config"]}
+    if (state.get("encoder_config") or {}).get("legacy_window_reverse") and saved_dict.get("preset") in AUTHORS_PRESETS:
+        # runs started before the rename: their smit_small / smit_lung had the authors' window reverse
+        saved_dict["preset"] = AUTHORS_PRESETS[saved_dict["preset"]]
+    saved = PretrainConfig.from_dict(saved_dict).training_fields()
     current = config.training_fields()
     changed = sorted(k for k in current if saved.get(k) != current[k])
     if changed:
@@ -103,6 +111,15 @@ def check_same_settings(state: Dict[str, Any], config: PretrainConfig, output_di
             f"{output_dir} holds a run with other settings ({details}); rerun with the same settings to resume, or "
             "choose a new output folder."
         )
+    if state.get("encoder_config"):
+        # the preset's name is not enough: smit_small meant the authors' window reverse before it became smit_small_authors
+        differences = encoder_differences(SMITConfig.from_dict(state["encoder_config"]), config.encoder_config())
+        if differences:
+            fitting = [name for name in SMITConfig.preset_names() if not encoder_differences(
+                SMITConfig.from_dict(state["encoder_config"]), SMITConfig.preset(name, **config.encoder_overrides))]
+            hint = f"rerun with --preset {fitting[0]} to resume it" if fitting else "rerun with the run's architecture"
+            raise SMITError(f"{output_dir} holds a run of another encoder than preset {config.preset!r} builds now "
+                            f"({'; '.join(differences[:3])}): {hint}, or choose a new output folder.")
 
 
 def scans_of_state(state: Dict[str, Any]) -> Dict[str, str]:

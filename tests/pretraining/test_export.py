@@ -141,3 +141,12 @@ def test_exported_side_travels_with_the_checkpoint_and_older_exports_read_it_fro
     assert load_encoder_checkpoint(tmp_path / f"old{suffix}").exported_side == "teacher"
     save_encoder_checkpoint(tmp_path / f"none{suffix}", weights, config)
     assert load_encoder_checkpoint(tmp_path / f"none{suffix}").exported_side is None
+
+
+def test_a_fresh_smit_small_run_exports_the_correct_window_reverse(cache, tmp_path):
+    """New pretraining never inherits the authors' window-reverse slip (only their weights carry it)."""
+    trainer = PretrainTrainer(tiny_config(preset="smit_small", max_steps=1, **RECONSTRUCTION_ONLY), cache, tmp_path)
+    trainer.fit()
+    exported = load_encoder_checkpoint(next(tmp_path.glob("smit_encoder_*.pt")))
+    assert exported.config.embed_dim == 48 and exported.config.legacy_window_reverse is False
+

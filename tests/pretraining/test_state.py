@@ -100,3 +100,20 @@ def test_fine_tuning_reads_the_teacher_of_a_run_still_going_and_smit_convert_exp
     converted = load_encoder_checkpoint(tmp_path / "encoder.pt")
     assert converted.sha256 == checkpoint.sha256 and converted.pretraining_scans == checkpoint.pretraining_scans
     assert "the teacher encoder of a pretraining state at step 2" in capsys.readouterr().out
+
+
+def test_a_run_started_as_smit_small_with_the_authors_window_reverse_resumes_only_as_smit_small_authors(tmp_path):
+    from nnunet_smit.architectures import SMITConfig
+    from nnunet_smit.errors import SMITError
+    from nnunet_smit.pretraining.config import PretrainConfig
+    from nnunet_smit.pretraining.state import check_same_settings
+
+    # what a smit_small run saved before smit_small lost the slip: preset "smit_small", encoder with the slip
+    state = {"config": PretrainConfig(preset="smit_small").to_dict(),
+             "encoder_config": SMITConfig.preset("smit_small_authors").to_dict()}
+    with pytest.raises(SMITError, match="preset: 'smit_small_authors' -> 'smit_small'"):
+        check_same_settings(state, PretrainConfig(preset="smit_small"), tmp_path)
+    check_same_settings(state, PretrainConfig(preset="smit_small_authors"), tmp_path)
+    fresh = {"config": PretrainConfig(preset="smit_small").to_dict(),
+             "encoder_config": SMITConfig.preset("smit_small").to_dict()}
+    check_same_settings(fresh, PretrainConfig(preset="smit_small"), tmp_path)
