@@ -474,14 +474,22 @@ def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset
         report.plot_study(out / "study.png", all_rows, arm_names,
                           f"{dataset.name}: held-out Dice ({len(test_cases)} cases), {settings.seeds} seed(s)")
 
+    # Every stale fold goes aside before any arm trains: an arm's folds share one results folder, whose plans.json the
+    # SMIT trainer will not give another network while a fold of the old one is there (an encoder file re-pretrained
+    # with another architecture makes all of them stale).
+    stale: Dict[Tuple[int, str], Tuple[List[str], Path]] = {}
+    for subset, fold, arm in jobs:
+        reasons = stale_reasons(fold_of(fold, arm), subset, arm)
+        if reasons:
+            stale[(fold, arm.name)] = (reasons, _move_aside(fold_of(fold, arm)))
+
     for index, (subset, fold, arm) in enumerate(jobs, start=1):
         arm_results = out / "arms" / arm.name
         folder = fold_of(fold, arm)
         summary = folder / "validation" / "summary.json"
         what = f"arm {index} of {len(jobs)}: {arm.name}, k={subset.labelled}, seed {subset.seed} (fold {fold})"
-        reasons = stale_reasons(folder, subset, arm)
-        if reasons:
-            moved = _move_aside(folder)
+        if (fold, arm.name) in stale:
+            reasons, moved = stale[(fold, arm.name)]
             print(f"[smit_study] {what}: the fold on disk is not this arm ({'; '.join(reasons)}): moved to "
                   f"{moved.name} and trained again", flush=True)
         trained_now = not finished(folder)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -63,6 +64,8 @@ MISSING_WEIGHTS_MESSAGE = (
 _TRUE = ("true", "1", "t")
 LEAKAGE_CHECK = "SMIT leakage check"
 _LEAKED_CASES_NAMED = 20  # the warning names this many cases, then counts the rest
+# What nnU-Net's --c looks for in a fold folder, in its order.
+_NNUNET_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def _numpy_safe_globals() -> List[Any]:
@@ -113,7 +116,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         dataset_json: dict,
         device: torch.device = torch.device("cuda"),
     ):
-        notes, self._encoder_checkpoint = self._write_smit_plans(plans, configuration)
+        notes, self._encoder_checkpoint = self._write_smit_plans(plans, configuration, fold)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.smit_initial_lr
         self.weight_decay = self.smit_weight_decay
@@ -133,24 +136,63 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         return os.path.abspath(os.path.expanduser(path)) if path else None
 
     @classmethod
-    def _results_settings(cls, plans: dict, configuration: str) -> Optional[Dict[str, Any]]:
-        """SMIT settings from this trainer's results plans.json, if a previous run wrote them."""
+    def _results_folder(cls, plans: dict, configuration: str) -> Optional[str]:
+        """nnU-Net's results folder of this trainer, plans and configuration (None when nnUNet_results is unset)."""
         if not nnUNet_results.is_set():
             return None
-        folder = join(
-            nnUNet_results.get(),
-            plans["dataset_name"],
-            f"{cls.__name__}__{plans['plans_name']}__{configuration}",
-        )
-        if not isfile(join(folder, "plans.json")):
+        return join(nnUNet_results.get(), plans["dataset_name"],
+                    f"{cls.__name__}__{plans['plans_name']}__{configuration}")
+
+    @classmethod
+    def _results_settings(cls, plans: dict, configuration: str) -> Optional[Dict[str, Any]]:
+        """SMIT settings from this trainer's results plans.json, if a previous run wrote them."""
+        folder = cls._results_folder(plans, configuration)
+        if folder is None or not isfile(join(folder, "plans.json")):
             return None
         return load_json(join(folder, "plans.json"))["configurations"].get(configuration, {}).get(
             plans_settings.SMIT_PLANS_KEY
         )
 
     @classmethod
-    def _write_smit_plans(cls, plans: dict, configuration: str) -> Tuple[List[str], Optional[Any]]:
+    def _has_checkpoint(cls, plans: dict, configuration: str, fold: Union[int, str]) -> bool:
+        """Whether ``--c`` finds a checkpoint of this fold to continue from (nnU-Net starts afresh otherwise)."""
+        folder = cls._results_folder(plans, configuration)
+        return folder is not None and any(
+            isfile(join(folder, f"fold_{fold}", name)) for name in _NNUNET_CHECKPOINTS)
+
+    @classmethod
+    def _refuse_another_network(cls, plans: dict, configuration: str, previous: Dict[str, Any],
+                                settings: Dict[str, Any], source: str) -> None:
+        """One line, before nnU-Net writes anything, when this run would build another network than the one the
+        results folder's ``plans.json`` describes and a fold there was trained with (holds a checkpoint): that file
+        serves every fold (``nnUNetv2_predict`` rebuilds each fold's network from it), and nnU-Net rewrites it when
+        training starts."""
+        folder = cls._results_folder(plans, configuration)
+        folds = sorted(  # nnU-Net's fold folders only (not a fold_5.replaced-<time> that smit_study moved aside)
+            name[len("fold_"):] for name in (os.listdir(folder) if folder and os.path.isdir(folder) else [])
+            if re.fullmatch(r"fold_(\d+|all)", name)
+            and any(isfile(join(folder, name, checkpoint)) for checkpoint in _NNUNET_CHECKPOINTS))
+        differences = plans_settings.network_differences(previous, settings)
+        # no fold with a checkpoint: the plans.json of a run killed before its first one, which may be rewritten
+        if not folds or not differences:
+            return
+        trained = ("fold " if len(folds) == 1 else "folds ") + ", ".join(folds)
+        started = (previous.get("weights") or {}).get("path") or "random init"
+        raise SMITError(
+            f"{source} gives another SMIT network ({'; '.join(differences[:3])}) than the one {folder} holds "
+            f"({trained}, started from {started}), whose plans.json serves every fold; refused before anything is "
+            f"written: set {WEIGHTS_ENV} to an encoder of that network, or train this one into another results "
+            "folder (another -tr trainer variant, another -p plans, or another nnUNet_results).")
+
+    @classmethod
+    def _write_smit_plans(cls, plans: dict, configuration: str,
+                          fold: Optional[Union[int, str]] = None) -> Tuple[List[str], Optional[Any]]:
         """Write the ``smit`` entry, patch and batch size into ``plans['configurations'][configuration]``.
+
+        A run whose network would differ from the one in the results folder's ``plans.json`` (another encoder
+        architecture, decoder, intensity mapping or axis order; other weights of the same network are fine, one per
+        fold) is refused here, before nnU-Net's ``__init__`` creates the fold folder. ``fold`` (None: not known)
+        tells ``--c`` with a checkpoint to continue from (the network is the folder's) from ``--c`` that starts afresh.
 
         Returns notes for the training log and the loaded encoder checkpoint (None when not read here).
         """
@@ -166,7 +208,9 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         notes: List[str] = []
         checkpoint = None
 
-        if plans.get("continue_training") and previous is not None:
+        continuing = plans.get("continue_training") and previous is not None and (
+            fold is None or cls._has_checkpoint(plans, configuration, fold))
+        if continuing:
             # --c: rebuild exactly the network that the nnU-Net checkpoint holds
             settings = previous
             notes.append("SMIT: continuing; network settings taken from the results folder's plans.json"
@@ -195,6 +239,10 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
                 gradient_checkpointing=cls.gradient_checkpointing,
                 transpose_forward=plans.get("transpose_forward", (0, 1, 2)),
             )
+            if previous is not None:
+                source = (f"{WEIGHTS_ENV}={weights_path}" if os.environ.get(WEIGHTS_ENV) else
+                          f"the plans' {WEIGHTS_PLANS_KEY} {weights_path}")
+                cls._refuse_another_network(plans, configuration, previous, settings, source)
             if weights is not None and not cls.require_pretrained_weights:
                 notes.append(f"SMIT: random init; architecture and conventions taken from {weights_path}.")
         else:
@@ -464,25 +512,24 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
 
 
     def _check_same_network(self, checkpoint: Dict[str, Any], source: Union[dict, str]) -> None:
-        """One line when an nnU-Net checkpoint holds another SMIT network than this run builds: ``--c`` (or
-        ``--val``) with ``nnUNet_SMIT_weights`` now naming an encoder of another architecture."""
+        """One line when an nnU-Net checkpoint holds another SMIT network than this run builds (compared by
+        :func:`~nnunet_smit.trainers.plans_settings.network_differences`): ``--val`` with ``nnUNet_SMIT_weights``
+        naming an encoder of another architecture where the results folder has no plans.json, or a results folder
+        whose plans.json another network's training rewrote (before such runs were refused)."""
         plans = (checkpoint.get("init_args") or {}).get("plans") or {}
         saved = (plans.get("configurations") or {}).get(self.configuration_name, {}).get(plans_settings.SMIT_PLANS_KEY)
         current = self.configuration_manager.configuration[plans_settings.SMIT_PLANS_KEY]
         if not saved:
             return
-        then, now = plans_settings.encoder_config_of(saved).to_dict(), plans_settings.encoder_config_of(current).to_dict()
-        differences = [f"{k} {then.get(k)} there, {now[k]} here" for k in now
-                       if k != "drop_path_rate" and then.get(k) != now[k]]
-        if saved.get("decoder_norm") != current.get("decoder_norm"):
-            differences.append(f"decoder_norm {saved.get('decoder_norm')} there, {current.get('decoder_norm')} here")
+        differences = plans_settings.network_differences(saved, current)
         if differences:
             name = source if isinstance(source, str) else "the checkpoint"
             started = (saved.get("weights") or {}).get("path") or "random init"
             raise SMITError(
                 f"{name} holds another SMIT network than this run builds ({'; '.join(differences[:3])}): "
                 f"{WEIGHTS_ENV} names another encoder than the run started from ({started}); point it there, or "
-                "unset it, to continue this run.")
+                "unset it, to continue this run (if it is unset, the results folder's plans.json describes another "
+                "network than this fold's, and the fold must be trained again in a results folder of its own).")
 
 
 class nnUNetTrainerSMITScratch(nnUNetTrainerSMIT):

@@ -143,6 +143,69 @@ def preprocessing_of(settings: Dict[str, Any]) -> PretrainPreprocessing:
     return PretrainPreprocessing.from_dict(settings["pretrain_preprocessing"])
 
 
+# Encoder settings that leave the weights and the function alone: training-time drop path, and the input channels,
+# which the network takes from the dataset.
+_TRAINING_ONLY_ENCODER_KEYS = ("drop_path_rate", "in_channels")
+
+
+def network_signature(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """What in a ``smit`` entry decides the network and its input: the encoder architecture, the decoder and its norm,
+    nnU-Net's patch, the intensity mapping onto the encoder's HU window and pad, and the axis order.
+
+    Left out: the weights it starts from (path, sha256), drop path and gradient checkpointing (training only). Two
+    entries with equal signatures build networks that load each other's weights and compute the same thing on the
+    same preprocessed data; absent keys of older entries count as what they meant (see the module docstring).
+    """
+    encoder = {key: value for key, value in settings["encoder_config"].items()
+               if key not in _TRAINING_ONLY_ENCODER_KEYS}
+    mapping = [dict(s) if s is not None else None for s in settings.get("intensity_mapping") or []]
+    mapped = any(s is not None for s in mapping)
+    preprocessing = preprocessing_of(settings)
+    axes = settings.get("transpose_forward")
+    return {
+        **encoder,
+        "decoder": settings.get("decoder", DEFAULT_DECODER),
+        "decoder_norm": settings.get("decoder_norm", "instance"),
+        "training patch": list(settings["patch_fit"]["patch_size"]),
+        "intensity_mapping": mapping,
+        # the window, scale and pad act only on mapped channels
+        "hu_window": list(preprocessing.hu_window) if mapped else None,
+        "scaled_range": list(preprocessing.scaled_range) if mapped else None,
+        "pad_value": settings.get("pad_value") if mapped else None,
+        "transpose_forward": [0, 1, 2] if axes is None else [int(a) for a in axes],
+    }
+
+
+def network_differences(then: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """How the network of the ``smit`` entry ``now`` differs from that of ``then``, in words ("embed_dim 12 there, 24
+    here"); [] when both build the same network on the same input (:func:`network_signature`)."""
+    was, wanted = network_signature(then), network_signature(now)
+    differences: List[str] = []
+    for key in dict.fromkeys([*was, *wanted]):
+        a, b = was.get(key), wanted.get(key)
+        if a == b:
+            continue
+        if key == "intensity_mapping" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for channel, (x, y) in enumerate(zip(a, b)):
+                if x != y:
+                    fields = [f for f in dict.fromkeys([*(x or {}), *(y or {})])
+                              if (x or {}).get(f) != (y or {}).get(f)]
+                    differences.append(f"channel {channel} {', '.join(fields)} {_short(x, fields)} there, "
+                                       f"{_short(y, fields)} here")
+            continue
+        if key == "pad_value":
+            a = "nnU-Net's 0 (plans before format 2)" if a is None else a
+        differences.append(f"{key} {a} there, {b} here")
+    return differences
+
+
+def _short(stats: Optional[Dict[str, Any]], fields: Sequence[str]) -> str:
+    if stats is None:
+        return "unmapped"
+    return "/".join(f"{stats.get(field):g}" if isinstance(stats.get(field), float) else str(stats.get(field))
+                    for field in fields)
+
+
 def build_intensity_mapping(settings: Dict[str, Any], num_input_channels: int) -> Optional[IntensityMapping]:
     """Fixed mapping of CT-normalised channels onto the pretraining HU window; None when no channel is CT.
 

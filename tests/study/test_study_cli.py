@@ -1,11 +1,13 @@
 """smit_study end to end on a tiny planned dataset: arms, outputs, resume, leakage and one-line errors.
 
-Trains 6 tiny arms (1 epoch of 1 iteration each) through nnU-Net on the CPU: about 2 minutes on 2 cores.
+Trains 6 tiny arms (1 epoch of 1 iteration each) through nnU-Net on the CPU, then retrains 4 and validates 1 in
+reruns: about 8 minutes of CPU time (2 cores).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -219,3 +221,137 @@ def test_a_rerun_after_the_encoder_file_changed_retrains_its_arms(study, capsys)
         record = json.loads((folder / "smit_study_arm.json").read_text())
         assert record["encoder_sha256"] == new_sha
         assert list(folder.parent.glob(folder.name + ".replaced-*"))  # the old fold is kept, renamed
+
+
+def _rows(root: Path) -> dict:
+    return {(r["arm"], r["labelled"], r["seed"]): r
+            for r in json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))["rows"]}
+
+
+def _argv_with(argv, flags):
+    """The study's command line with options replaced or added (``{"--labelled": ["1"], "-o": [folder]}``)."""
+    kept, skipping = [], False
+    for item in argv:
+        if item.startswith("-"):
+            skipping = item in flags
+        if not skipping:
+            kept.append(item)
+    for flag, values in flags.items():
+        kept += [flag, *values]
+    return kept
+
+
+def test_a_second_study_on_a_folder_in_use_is_refused_naming_the_holder(study, capsys):
+    from nnunet_smit.files import FolderLock
+
+    root, dirs, name, argv, _ = study
+    before = (root / "out" / "study.json").read_bytes()
+    with FolderLock(root / "out" / ".smit_study.lock", "the study folder"):  # the first study, still running
+        err = _one_line_error(capsys, argv)
+    assert f"is in use by pid {os.getpid()} on host " in err and "use another -o folder" in err, err
+    assert (root / "out" / "study.json").read_bytes() == before
+
+
+def test_a_rerun_with_fewer_k_keeps_every_earlier_row(study, capsys, monkeypatch):
+    from nnunet_smit.study import report
+
+    root, dirs, name, argv, _ = study
+    before = _rows(root)
+    plotted, plot = [], report.plot_study
+
+    def recording_plot(path, rows, arms, *args, **kwargs):
+        plotted.append((list(rows), list(arms)))
+        return plot(path, rows, arms, *args, **kwargs)
+
+    monkeypatch.setattr(report, "plot_study", recording_plot)
+    capsys.readouterr()
+    assert main(_argv_with(argv, {"--labelled": ["1"], "--baselines": ["scratch"]})) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 2 and "training on" not in out  # leaky and scratch at k=1
+    after = _rows(root)
+    assert after.keys() == before.keys() and len(after) == 6
+    assert all(after[key]["dice"] == row["dice"] for key, row in before.items())
+    rows, arms = plotted[-1]
+    assert {(r["arm"], r["labelled"], r["seed"]) for r in rows} == set(before) and set(arms) == {"leaky", "scratch",
+                                                                                                  "nnunet"}
+    md = (root / "out" / "study.md").read_text(encoding="utf-8")
+    assert "| arm | k=1 | k=2 |" in md and md.count("(n=1)") == 6 and "| nnunet |" in md
+    assert "This run added no row: every arm was trained earlier in this folder." in md
+
+
+def test_an_arm_killed_during_its_final_validation_is_validated_not_trained_again(study, capsys):
+    root, dirs, name, argv, _ = study
+    before = _rows(root)
+    folder = Path(before[("scratch", 2, 0)]["results_folder"])
+    final = folder / "checkpoint_final.pth"
+    stamp = final.stat().st_mtime_ns
+    (folder / "validation" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(_argv_with(argv, {"--labelled": ["2"], "--baselines": ["scratch"]})) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint_final.pth is on disk: validating it, not training again" in out
+    assert out.count("finished earlier, skipped") == 1  # the leaky arm at k=2
+    assert final.stat().st_mtime_ns == stamp
+    assert (folder / "validation" / "summary.json").is_file()
+    after = _rows(root)
+    assert after.keys() == before.keys()
+    assert after[("scratch", 2, 0)]["dice"] == pytest.approx(before[("scratch", 2, 0)]["dice"], abs=1e-6)
+    md = (root / "out" / "study.md").read_text(encoding="utf-8")
+    assert "This run added 1 row(s): scratch k=2 seed 0; the others were trained earlier in this folder." in md
+
+
+def test_a_damaged_checkpoint_of_an_interrupted_arm_is_one_line(study, capsys, tmp_path):
+    root, dirs, name, argv, _ = study
+    folder = Path(_rows(root)[("nnunet", 1, 0)]["results_folder"])
+    kept = tmp_path / "kept"
+    shutil.copytree(folder, kept)
+    try:  # killed mid-training: no final checkpoint, no validation, a checkpoint_latest.pth cut short
+        (folder / "checkpoint_final.pth").unlink()
+        (folder / "validation" / "summary.json").unlink()
+        (folder / "checkpoint_latest.pth").write_bytes((kept / "checkpoint_final.pth").read_bytes()[:1000])
+        err = _one_line_error(capsys, _argv_with(argv, {"--labelled": ["1"], "--baselines": ["nnunet"]}))
+        assert f"{folder / 'checkpoint_latest.pth'} cannot be read" in err and "move it away and rerun" in err, err
+    finally:
+        shutil.rmtree(folder)
+        shutil.copytree(kept, folder)
+
+
+def test_a_partly_preprocessed_dataset_is_refused_before_anything_is_written(study, capsys, tmp_path):
+    root, dirs, name, argv, _ = study
+    # a copy of the planned dataset under another id (the study's own dataset is shared by the other tests)
+    copy_id = DATASET_ID + 1
+    copy = name.replace(f"Dataset{DATASET_ID}", f"Dataset{copy_id}")
+    shutil.copytree(dirs["nnUNet_raw"] / name, dirs["nnUNet_raw"] / copy)
+    shutil.copytree(dirs["nnUNet_preprocessed"] / name, dirs["nnUNet_preprocessed"] / copy,
+                    ignore=shutil.ignore_patterns("splits_final.json*", ".splits_final.json*"))
+    for plans_file in (dirs["nnUNet_preprocessed"] / copy).glob("nnUNetPlans*.json"):
+        plans = json.loads(plans_file.read_text(encoding="utf-8"))
+        plans_file.write_text(json.dumps({**plans, "dataset_name": copy}), encoding="utf-8")
+    data = dirs["nnUNet_preprocessed"] / copy / "nnUNetPlans_SMIT_3d_fullres"
+    removed = sorted(data.glob("toy_003*"))
+    assert removed  # the case's files in the SMIT plans' data folder
+    for path in removed:
+        path.unlink()
+    out = tmp_path / "out"
+    err = _one_line_error(capsys, _argv_with(argv, {"-d": [str(copy_id)], "-o": [str(out)]}))
+    assert err == (f"error: {copy} is only partly preprocessed for 3d_fullres: 1 of its 6 training cases are missing "
+                   f"(toy_003); run nnUNetv2_plan_and_preprocess -d {copy_id} -c 3d_fullres to finish it."), err
+    assert not out.exists()
+    assert not (dirs["nnUNet_preprocessed"] / copy / "splits_final.json").exists()
+
+
+def test_an_encoder_re_pretrained_with_another_architecture_retrains_every_fold_of_its_arm(study, capsys):
+    root, dirs, name, argv, leaky = study
+    # the same path, another architecture: both folds of the arm (one results folder, one plans.json) are stale
+    config = SMITConfig.preset("tiny", embed_dim=24)
+    save_encoder_checkpoint(leaky, SwinEncoder(config).state_dict(), config)
+    capsys.readouterr()
+    assert main(_argv_with(argv, {"--baselines": []})) == 0
+    out = capsys.readouterr().out
+    assert out.count("moved to fold_") == 2 and out.count("training on") == 2, out
+    rows = _rows(root)
+    for k in (1, 2):
+        folder = Path(rows[("leaky", k, 0)]["results_folder"])
+        plans = json.loads((folder.parent / "plans.json").read_text(encoding="utf-8"))
+        assert plans["configurations"]["3d_fullres"]["smit"]["encoder_config"]["embed_dim"] == 24
+        assert rows[("leaky", k, 0)]["encoder_sha256"] == load_encoder_checkpoint(leaky).sha256

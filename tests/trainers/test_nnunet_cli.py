@@ -85,7 +85,7 @@ def pipeline(tmp_path_factory):
     return {
         "dirs": dirs, "dataset_name": dataset_name, "test_images": test_images, "weights": weights, "sha": sha,
         "output_folder": output_folder, "first_logs": sorted(first_logs), "later_logs": sorted(later_logs),
-        "timings": timings, "root": root,
+        "timings": timings, "root": root, "env": env,
     }
 
 
@@ -186,3 +186,33 @@ def test_results_folder_predicts_through_nnunet_predictor(pipeline, tmp_path, mo
     differ = ours != cli
     assert differ.sum() <= 10, int(differ.sum())
     assert np.all(top2[1][differ] - top2[0][differ] < 1e-4), (top2[1] - top2[0])[differ]
+
+
+def test_another_network_in_the_results_folder_is_refused_before_anything_is_written(pipeline, tmp_path):
+    """The results folder's plans.json serves every fold: with fold 0 trained from the tiny encoder, an encoder of
+    another architecture for a new fold, for --c of a fold without a checkpoint, or for fold 0's --val is one line and
+    a failing exit code, and no file in the folder changes; fold 0 still predicts."""
+    out = pipeline["output_folder"]
+    other_config = SMITConfig.preset("tiny", embed_dim=24)
+    other = tmp_path / "other_encoder.pt"
+    save_encoder_checkpoint(other, SwinEncoder(other_config).state_dict(), other_config)
+    env = {**pipeline["env"], "nnUNet_SMIT_weights": str(other)}
+    plans_before = (out / "plans.json").read_bytes()
+    files_before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for fold, flags in (("1", []), ("1", ["--c"]), ("0", ["--val"])):
+        command = ["nnUNetv2_train", str(DATASET_ID), CONFIGURATION, fold, "-tr", TRAINER, "-device", "cpu", *flags]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode != 0 and len(errors) == 1 and "Traceback" not in result.stderr, (
+            command, result.stdout[-2000:], result.stderr[-4000:])
+        assert errors[0].startswith(f"error: nnUNet_SMIT_weights={other} gives another SMIT network (embed_dim 12 "
+                                    "there, 24 here"), errors[0]
+        assert f"(fold 0, started from {pipeline['weights']})" in errors[0]
+        assert "another -tr trainer variant, another -p plans, or another nnUNet_results" in errors[0]
+        assert (out / "plans.json").read_bytes() == plans_before
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files_before, command
+    (tmp_path / "pred").mkdir()
+    _run(["nnUNetv2_predict", "-i", str(pipeline["test_images"][0].parent), "-o", str(tmp_path / "pred"), "-d",
+          str(DATASET_ID), "-c", CONFIGURATION, "-tr", TRAINER, "-f", "0", "-npp", "1", "-nps", "1", "--disable_tta",
+          "-device", "cpu"], pipeline["env"], tmp_path / "predict.log")
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == len(pipeline["test_images"])

@@ -338,6 +338,103 @@ def test_continuing_with_weights_of_another_architecture_is_one_line(nnunet_env,
     started._check_same_network(saved, "checkpoint_latest.pth")  # the same network: nothing to say
 
 
+def _trained_fold_0(tiny_weights) -> Path:
+    """A results folder as fold 0 of a tiny-encoder run leaves it: plans.json and a checkpoint; returns the folder."""
+    started = make_trainer(nnUNetTrainerSMIT, make_plans())
+    folder = Path(started.output_folder_base)
+    (folder / "plans.json").write_text(json.dumps(started.plans_manager.plans))
+    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    return folder
+
+
+def _encoder_file(path, config, preprocessing=None, seed=0):
+    torch.manual_seed(seed)
+    save_encoder_checkpoint(path, SwinEncoder(config).state_dict(), config, preprocessing or PretrainPreprocessing())
+    return path
+
+
+@pytest.mark.parametrize("continue_training, fold", [(False, 1), (True, 1), (False, 0)])  # a new fold, --c, --val
+def test_another_network_in_a_results_folder_with_a_trained_fold_is_refused_before_anything_is_written(
+        nnunet_env, tiny_weights, tmp_path, monkeypatch, continue_training, fold):
+    folder = _trained_fold_0(tiny_weights)
+    before, fold_0 = (folder / "plans.json").read_bytes(), sorted((folder / "fold_0").iterdir())
+    other = _encoder_file(tmp_path / "other.pt", SMITConfig.preset("tiny", embed_dim=24))
+    monkeypatch.setenv(WEIGHTS_ENV, str(other))
+    with pytest.raises(SMITError) as info:
+        nnUNetTrainerSMIT(plans={**make_plans(), "continue_training": continue_training}, configuration="3d_fullres",
+                          fold=fold, dataset_json=make_dataset_json(), device=CPU)
+    message = str(info.value)
+    assert message.startswith(f"{WEIGHTS_ENV}={other} gives another SMIT network (embed_dim 12 there, 24 here")
+    assert f"than the one {folder} holds (fold 0, started from {tiny_weights[0]})" in message
+    assert "another -tr trainer variant, another -p plans, or another nnUNet_results" in message
+    assert "\n" not in message
+    assert (folder / "plans.json").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["fold_0", "plans.json"]  # no fold_1, no log
+    assert sorted((folder / "fold_0").iterdir()) == fold_0  # no training log either
+
+
+@pytest.mark.parametrize("preprocessing, expected", [
+    (PretrainPreprocessing(hu_window=(-175.0, 250.0)), "hu_window [-500.0, 500.0] there, [-175.0, 250.0] here"),
+    (PretrainPreprocessing(hu_window=(-500.0, 500.0), scaled_range=(-1.0, 1.0)), "scaled_range [0.0, 1.0] there"),
+])
+def test_the_same_architecture_on_another_input_is_refused_too(nnunet_env, tiny_weights, tmp_path, monkeypatch,
+                                                               preprocessing, expected):
+    _trained_fold_0(tiny_weights)
+    monkeypatch.setenv(WEIGHTS_ENV, str(_encoder_file(tmp_path / "other.pt", SMITConfig.preset("tiny"),
+                                                       preprocessing)))
+    with pytest.raises(SMITError, match="gives another SMIT network") as info:
+        nnUNetTrainerSMIT._write_smit_plans({**make_plans(), "continue_training": False}, "3d_fullres", 1)
+    assert expected in str(info.value)
+
+
+def test_other_weights_of_the_same_network_train_another_fold_and_continuing_keeps_the_folders_network(
+        nnunet_env, tiny_weights, tmp_path, monkeypatch):
+    _trained_fold_0(tiny_weights)
+    # the same architecture and input, other weights (another fold's pretraining, drop path of another run)
+    same = _encoder_file(tmp_path / "same.pt", SMITConfig.preset("tiny", drop_path_rate=0.0),
+                         PretrainPreprocessing(hu_window=(-500.0, 500.0)), seed=3)
+    monkeypatch.setenv(WEIGHTS_ENV, str(same))
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["smit"]["weights"]["path"] == str(same)
+    # --c of the trained fold 0 with weights of another architecture: the folder's network, the weights unread
+    monkeypatch.setenv(WEIGHTS_ENV, str(_encoder_file(tmp_path / "other.pt", SMITConfig.preset("tiny", embed_dim=24))))
+    notes, checkpoint = nnUNetTrainerSMIT._write_smit_plans({**make_plans(), "continue_training": True},
+                                                            "3d_fullres", 0)
+    assert checkpoint is None and "is not read when continuing" in notes[0]
+
+
+@pytest.mark.parametrize("fold_0_becomes", ["killed before its first checkpoint", "moved aside by smit_study"])
+def test_a_results_folder_without_a_trained_fold_takes_another_network(nnunet_env, tiny_weights, tmp_path,
+                                                                       monkeypatch, fold_0_becomes):
+    folder = _trained_fold_0(tiny_weights)
+    if fold_0_becomes == "killed before its first checkpoint":
+        (folder / "fold_0" / "checkpoint_final.pth").unlink()
+    else:
+        (folder / "fold_0").rename(folder / "fold_0.replaced-20261203-090000")
+    other = _encoder_file(tmp_path / "other.pt", SMITConfig.preset("tiny", embed_dim=24))
+    monkeypatch.setenv(WEIGHTS_ENV, str(other))
+    trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
+    assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["smit"]["encoder_config"]["embed_dim"] == 24
+
+
+def test_older_settings_count_as_what_they_meant():
+    from nnunet_smit.trainers import plans_settings
+
+    settings = {"encoder_config": SMITConfig.preset("tiny").to_dict(),
+                "pretrain_preprocessing": PretrainPreprocessing().to_dict(), "decoder": "smit",
+                "decoder_norm": "instance", "intensity_mapping": [None], "patch_fit": {"patch_size": [64, 64, 64]},
+                "transpose_forward": [0, 1, 2], "pad_value": 0.0, "weights": {"path": "a.pt"}}
+    older = {key: value for key, value in settings.items() if key not in ("decoder", "transpose_forward", "pad_value")}
+    assert plans_settings.network_differences(older, {**settings, "weights": {"path": "b.pt"}}) == []
+    mapped = {**settings, "intensity_mapping": [{"scheme": "CTNormalization", "mean": 1.0, "std": 2.0,
+                                                 "percentile_00_5": -100.0, "percentile_99_5": 300.0}]}
+    older_mapped = {key: value for key, value in mapped.items() if key != "pad_value"}
+    assert plans_settings.network_differences(older_mapped, mapped) == [
+        "pad_value nnU-Net's 0 (plans before format 2) there, 0.0 here"]
+    moved = {**mapped, "intensity_mapping": [{**mapped["intensity_mapping"][0], "mean": 5.0}]}
+    assert plans_settings.network_differences(mapped, moved) == ["channel 0 mean 1 there, 5 here"]
+
+
 def test_a_pretraining_run_folder_gives_its_encoder_and_says_which(nnunet_env, tmp_path, monkeypatch):
     config = SMITConfig.preset("tiny")
     run = tmp_path / "run"
