@@ -32,6 +32,8 @@ DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID}_SMITDemo"
 # Labelled phantoms are drawn from another seed than smit_pretrain --demo's, so no scan is in both.
 LABELLED_SEED = 1000
+# smit_plan's plans: the dataset preprocessed with the encoder's HU window (the SMIT arms train on them).
+SMIT_PLANS = "nnUNetPlans_SMIT"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class DemoSettings:
         pretrain_args: extra ``smit_pretrain`` options on top of ``--demo``.
         disable_tta: score without mirroring (8x faster validation on a CPU).
         trainer: the SMIT trainer of the study (its Scratch twin trains the scratch arm).
+        baselines: the study's baselines ("scratch", and "nnunet", nnU-Net's default trainer on its default plans).
     """
 
     labelled_cases: int
@@ -56,6 +59,7 @@ class DemoSettings:
     pretrain_args: Sequence[str] = ()
     disable_tta: bool = True
     trainer: str = "nnUNetTrainerSMIT"
+    baselines: Sequence[str] = ("scratch", "nnunet")
 
 
 # About 15 minutes on a 2-core CPU (docs/study.md has the measured times).
@@ -131,6 +135,45 @@ def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: Dict[s
     return out
 
 
+def report_table(markdown: Path) -> str:
+    """The first markdown table of a report (study.md, probe.md)."""
+    lines = markdown.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def compare_arms(rows: Sequence[Dict], arm: str, baseline: str) -> str:
+    """In words, per k: whether ``arm`` and ``baseline`` differ by more than their seed spread (mean +- sd over
+    seeds of the held-out Dice), and in which direction."""
+    def stats(name: str, k: int):
+        values = [r["dice"] for r in rows if r["arm"] == name and r["labelled"] == k and r.get("dice") is not None]
+        return (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) if values else None
+
+    parts = []
+    for k in sorted({r["labelled"] for r in rows}):
+        a, b = stats(arm, k), stats(baseline, k)
+        if a is None or b is None:
+            continue
+        spread = max(a[1], b[1])
+        verdict = ("above" if a[0] > b[0] else "below") if abs(a[0] - b[0]) > spread else "within the seed spread of"
+        parts.append(f"k={k}: pretrained {a[0]:.3f} ± {a[1]:.3f} {verdict} {baseline} {b[0]:.3f} ± {b[1]:.3f}")
+    return "; ".join(parts) + "." if parts else f"no k with both {arm} and {baseline}."
+
+
+def best_row(rows: Sequence[Dict]) -> Dict:
+    """The study row of the best arm: the (arm, k) with the highest mean held-out Dice over seeds, and of it the
+    seed with the highest Dice (the one whose prediction the demo shows)."""
+    scored = [r for r in rows if r.get("dice") is not None]
+    if not scored:
+        raise SMITError("no study arm has a held-out Dice (no foreground predicted or present); see the study log.")
+    means: Dict = {}
+    for r in scored:
+        means.setdefault((r["arm"], r["labelled"]), []).append(r["dice"])
+    arm, k = max(means, key=lambda key: float(np.mean(means[key])))
+    return max((r for r in scored if r["arm"] == arm and r["labelled"] == k), key=lambda r: r["dice"])
+
+
 def plot_overlay(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, path: Path, title: str) -> None:
     """Three orthogonal slices through the organs: CT (soft-tissue window), reference contours and prediction."""
     import matplotlib
@@ -194,29 +237,40 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
     else:
         _say("  planned and preprocessed earlier, skipped")
 
-    _say("step 3/4: smit_study: pretrained vs scratch vs nnU-Net default on the same labelled cases")
+    smit_plans = output / "nnUNet_preprocessed" / DATASET_NAME / f"{SMIT_PLANS}.json"
+    if not smit_plans.is_file() or not (smit_plans.parent / f"{SMIT_PLANS}_3d_fullres").is_dir():
+        # the encoder's whole HU window reaches it: nnU-Net's default plans clip to the organs' percentiles
+        _run(["smit_plan", "-d", str(DATASET_ID), "--encoder", str(encoder), "-np", "1"],
+             {**env, "nnUNet_n_proc_DA": "1"}, logs / "smit_plan.log")
+    else:
+        _say(f"  {SMIT_PLANS} written earlier, skipped")
+
+    _say("step 3/4: smit_study: pretrained vs scratch" + (" vs nnU-Net default" if "nnunet" in settings.baselines
+                                                          else "") + " on the same labelled cases")
     study_dir = output / "study"
     command = ["smit_study", "-d", str(DATASET_ID), "-o", str(study_dir), "--encoder", str(encoder),
                "--labelled", *map(str, settings.labelled), "--seeds", str(settings.seeds),
-               "--trainer", settings.trainer,
+               "--trainer", settings.trainer, "-p", SMIT_PLANS, "--baselines", *settings.baselines,
                "--epochs", str(settings.epochs), "--iterations_per_epoch", str(settings.iterations_per_epoch),
                "-device", device] + (["--disable_tta"] if settings.disable_tta else [])
     _run(command, env, logs / "study.log")
     study = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))
 
-    _say("step 4/4: nnUNetv2_predict the held-out cases with the pretrained arm (most labels, seed 0)")
-    pretrained = study["arms"][0]["name"]
-    row = max((r for r in study["rows"] if r["arm"] == pretrained and r["seed"] == 0), key=lambda r: r["labelled"])
+    row = best_row(study["rows"])
+    _say(f"step 4/4: nnUNetv2_predict the held-out cases with the best arm ({row['arm']}, k={row['labelled']}, "
+         f"seed {row['seed']}: held-out Dice {row['dice']:.3f})")
     held_out = output / "held_out_images"
     shutil.rmtree(held_out, ignore_errors=True)
     held_out.mkdir()
     for case in study["test_cases"]:
         shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", held_out)
     predictions = output / "predictions"
+    shutil.rmtree(predictions, ignore_errors=True)
     _run(["nnUNetv2_predict", "-i", str(held_out), "-o", str(predictions), "-d", str(DATASET_ID), "-c", "3d_fullres",
-          "-tr", settings.trainer, "-f", str(row["fold"]), "-chk", "checkpoint_final.pth", "-device", device,
+          "-tr", row["trainer"], "-p", row.get("plans", SMIT_PLANS), "-f", str(row["fold"]),
+          "-chk", "checkpoint_final.pth", "-device", device,
           "-npp", "1", "-nps", "1"] + (["--disable_tta"] if settings.disable_tta else []),
-         {**env, "nnUNet_results": str(study_dir / "arms" / pretrained)}, logs / "predict.log")
+         {**env, "nnUNet_results": str(study_dir / "arms" / row["arm"])}, logs / "predict.log")
     def array(path: Path) -> np.ndarray:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
@@ -228,29 +282,44 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     first = study["test_cases"][0]
     overlay = output / "overlay.png"
+    first_dice = dice_per_class(array(predictions / f"{first}.nii.gz"), array(raw / "labelsTr" / f"{first}.nii.gz"),
+                                ORGAN_LABELS)
     plot_overlay(array(raw / "imagesTr" / f"{first}_0000.nii.gz"), array(raw / "labelsTr" / f"{first}.nii.gz"),
                  array(predictions / f"{first}.nii.gz"), overlay,
-                 f"{first}: nnUNetv2_predict, pretrained encoder fine-tuned on {row['labelled']} labelled cases")
+                 f"{first}: nnUNetv2_predict, arm {row['arm']} fine-tuned on {row['labelled']} labelled cases; Dice "
+                 + ", ".join(f"{name} {value:.2f}" for name, value in first_dice.items()))
 
     pretrain_dir = output / "pretrain"
     previews = sorted((pretrain_dir / "plots").glob("reconstruction_epoch*.png"))
     pngs = [p for p in [pretrain_dir / "plots" / "loss_curves.png", *previews[-1:]] if p.is_file()]
     organ_names = [n for n, v in ORGAN_LABELS.items() if v]
+    pretrained = study["arms"][0]["name"]
+    run_summary = pretrain_dir / "run_summary.json"
+    recon = (json.loads(run_summary.read_text(encoding="utf-8")).get("recon_vs_best_baseline")
+             if run_summary.is_file() else None)
     summary = "\n".join([
         "# smit_demo summary",
         "",
-        f"Held-out Dice of every arm (from {study_dir / 'study.md'}):",
+        "## Does pretraining help?",
         "",
-        (study_dir / "study.md").read_text(encoding="utf-8").split("\n\n", 2)[2].split("\n\nArms:")[0],
+        "- Fine-tuning (smit_study): " + compare_arms(study["rows"], pretrained, "scratch"),
+        ("- Pretraining ended with a reconstruction L1 of {recon_l1:.3f} against {best_baseline_l1:.3f} for its best "
+         "trivial predictor ({best_baseline}): ratio {ratio:.2f}.".format(**recon) if recon else
+         "- Pretraining logged no reconstruction baseline."),
         "",
-        f"nnUNetv2_predict on the held-out cases, pretrained arm trained on {row['labelled']} labelled cases "
-        f"(fold {row['fold']}):",
+        f"## Held-out Dice of every arm (from {study_dir / 'study.md'})",
+        "",
+        report_table(study_dir / "study.md"),
+        "",
+        f"## nnUNetv2_predict on the held-out cases with the best arm, {row['arm']} trained on {row['labelled']} "
+        f"labelled cases (seed {row['seed']}, fold {row['fold']})",
         "",
         "| case | " + " | ".join(organ_names) + " | mean |",
         "|---|" + "---|" * (len(organ_names) + 1),
         *lines,
         "",
-        "Pictures:",
+        "## Pictures",
+        "",
         f"- study plot: {study_dir / 'study.png'}",
         f"- prediction overlay: {overlay}",
         *[f"- pretraining: {p}" for p in pngs],
