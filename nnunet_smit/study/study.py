@@ -20,7 +20,7 @@ import torch
 from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
 from nnunet_smit.errors import SMITError
 from nnunet_smit.study import report
-from nnunet_smit.files import FolderBusy, FolderLock
+from nnunet_smit.files import FolderBusy, FolderLock, read_json
 from nnunet_smit.study.arms import (
     Arm,
     Budget,
@@ -119,7 +119,7 @@ def resolve_dataset(dataset: str, configuration: str, plans_identifier: str) -> 
     if not plans_file.is_file():
         raise SMITError(f"{name} is not planned with {plans_identifier} yet ({plans_file} does not exist); run "
                         f"{_plan_command(dataset, configuration)}.")
-    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    plans = read_json(plans_file, "the nnU-Net plans", dict, f"run {_plan_command(dataset, configuration)} again")
     if configuration not in plans.get("configurations", {}):
         raise SMITError(f"the plans {plans_file} have no configuration {configuration!r}; choose one of "
                         f"{sorted(plans.get('configurations', {}))}.")
@@ -130,7 +130,8 @@ def resolve_dataset(dataset: str, configuration: str, plans_identifier: str) -> 
         raise SMITError(f"{name} is planned but not preprocessed for {configuration} ({data_folder} is missing or "
                         f"empty); run {_plan_command(dataset, configuration)}.")
     case_ids = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
+    dataset_json = read_json(preprocessed / "dataset.json", "the preprocessed dataset.json", dict,
+                             f"run {_plan_command(dataset, configuration)} again")
     return _Dataset(name, preprocessed, plans, dataset_json, case_ids)
 
 
@@ -266,7 +267,7 @@ def check_leakage(dataset: _Dataset, test_cases: Sequence[str],
     if raw is None or not (raw / "dataset.json").is_file():
         notes.append(f"leakage check skipped: the raw images of {dataset.name} are not found (nnUNet_raw).")
         return leakage, notes
-    raw_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
+    raw_json = read_json(raw / "dataset.json", "the raw dataset.json", dict, "fix it as nnU-Net requires")
     for path, checkpoint in checkpoints.items():
         if not checkpoint.pretraining_scans:
             notes.append(f"leakage check not possible for {path}: it records no pretraining scan fingerprints "
@@ -309,7 +310,7 @@ _RESUME_KEYS = ("dataset", "configuration", "plans", "budget", "test_fraction", 
 def _check_resumable(study_json: Path, header: Dict[str, Any]) -> None:
     if not study_json.is_file():
         return
-    previous = json.loads(study_json.read_text(encoding="utf-8"))
+    previous = read_json(study_json, "the study's study.json", dict, "move it away to start a new study there")
     changed = [key for key in _RESUME_KEYS if previous.get(key) != header[key]]
     if changed:
         raise SMITError(f"{study_json.parent} holds a study with other settings ({', '.join(changed)}); use a new "
@@ -418,7 +419,7 @@ def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset
     header["clipped_window"] = {name: warnings for name, warnings in clipped.items()}
     study_json = out / "study.json"
     _check_resumable(study_json, header)
-    previous_rows = (json.loads(study_json.read_text(encoding="utf-8")).get("rows", [])
+    previous_rows = (read_json(study_json, "the study's study.json", dict, "move it away").get("rows", [])
                      if study_json.is_file() else [])
     (out / "test_cases.json").write_text(json.dumps({"dataset": dataset.name, "test_cases": test_cases}, indent=2),
                                          encoding="utf-8")

@@ -151,3 +151,17 @@ def test_nnunets_five_folds_are_never_written_over_a_partial_case_list(tmp_path,
         assign_folds(splits_file, CASES[:4], [(("case_01",), ("case_00",))], configuration="3d_fullres")
     assert not splits_file.exists()
     assert assign_folds(splits_file, CASES, [(("case_01",), ("case_00",))]) == [5]
+
+
+def test_a_truncated_plans_file_is_one_line_naming_the_command(tmp_path, monkeypatch):
+    from nnunet_smit.errors import SMITError
+    from nnunet_smit.study.study import resolve_dataset
+
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name / "Dataset904_Cut").mkdir(parents=True)
+        monkeypatch.setenv(name, str(tmp_path / name))
+    (tmp_path / "nnUNet_preprocessed" / "Dataset904_Cut" / "nnUNetPlans.json").write_text('{"dataset_name": "Data')
+    with pytest.raises(SMITError) as refused:
+        resolve_dataset("904", "3d_fullres", "nnUNetPlans")
+    message = str(refused.value)
+    assert "\n" not in message and "nnUNetPlans.json" in message and "nnUNetv2_plan_and_preprocess -d 904" in message
