@@ -8,6 +8,13 @@ the weights. It is a ``torch.save`` file of plain containers and
 tensors, read back with ``torch.load(weights_only=True)``, or a safetensors file with the metadata as JSON:
 loading a checkpoint never executes code from it.
 
+Beside the encoder a checkpoint may carry SMITNet decoder blocks that pretraining trained (:class:`DecoderParts`,
+``smit_pretrain --reconstruct_through``): ``parts`` names what it carries (``["encoder"]``, ``["encoder", "skips"]``
+or ``["encoder", "skips", "decoder"]``), ``decoder`` their decoder kind, norm and sha256, and their tensors keep
+SMITNet's keys (``decoder.encoder1.layer.conv1.conv.weight``, ...): under ``decoder_state_dict`` in a ``.pt`` file,
+beside the encoder's in a ``.safetensors`` file. Such a file is format version 2; one with the encoder alone is still
+written as version 1.
+
 Loading into a network is strict by default and reports what happened (:class:`LoadReport`).
 """
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch import nn
 
 from nnunet_smit import __version__
 from nnunet_smit.architectures.config import SMITConfig
+from nnunet_smit.architectures.decoder import DECODER_PARTS
 from nnunet_smit.architectures.official import (
     Conversion,
     convert_monai_swinvit,
@@ -42,7 +50,12 @@ from nnunet_smit.unreadable_weights import describe_unreadable_weights
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "nnunet_smit.encoder"
-FORMAT_VERSION = 1
+# 2: decoder parts beside the encoder. A file with the encoder alone is written as 1, which every version reads.
+FORMAT_VERSION = 2
+ENCODER_ONLY_FORMAT_VERSION = 1
+ENCODER_PART = "encoder"
+# SMITNet's keys of the decoder parts start with this.
+DECODER_PREFIX = "decoder."
 # smit_pretrain's resumable state (checkpoint_latest.pt, nnunet_smit.pretraining.state): readable as an encoder too.
 PRETRAIN_STATE_FORMAT = "nnunet_smit.pretrain_state"
 PRETRAIN_STATE_NAME = "checkpoint_latest.pt"
@@ -65,6 +78,56 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class DecoderParts:
+    """SMITNet decoder blocks a checkpoint carries beside the encoder (trained by ``smit_pretrain
+    --reconstruct_through skips`` or ``decoder``).
+
+    Attributes:
+        parts: ``("skips",)`` (``encoder1``-``encoder4``, ``encoder10``) or ``("skips", "decoder")`` (and
+            ``decoder1``-``decoder5``), keys of :data:`~nnunet_smit.architectures.decoder.DECODER_PARTS`.
+        kind: the SMITNet decoder they belong to, ``"smit"`` (the authors') or ``"light"``.
+        norm: its normalisation, ``"instance"`` or ``"batch"``.
+        state_dict: the blocks' tensors under SMITNet's keys (``decoder.encoder1.layer.conv1.conv.weight``, ...).
+    """
+
+    parts: Tuple[str, ...]
+    kind: str
+    norm: str
+    state_dict: StateDict
+
+    @property
+    def sha256(self) -> str:
+        return state_dict_sha256(self.state_dict)
+
+    @property
+    def modules(self) -> Tuple[str, ...]:
+        """SMITNet decoder module names carried (``encoder1``, ...)."""
+        return tuple(name for part in self.parts for name in DECODER_PARTS[part])
+
+    def metadata(self) -> Dict[str, str]:
+        return {"kind": self.kind, "norm": self.norm, "sha256": self.sha256}
+
+
+def decoder_parts_of(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, ...]:
+    """The parts (of :data:`DECODER_PARTS`) whose modules have keys in a SMITNet-keyed ``state_dict``."""
+    modules = {key[len(DECODER_PREFIX):].split(".", 1)[0] for key in state_dict if key.startswith(DECODER_PREFIX)}
+    return tuple(part for part, names in DECODER_PARTS.items() if modules & set(names))
+
+
+def check_decoder_parts(parts: DecoderParts, where: str) -> None:
+    """Raise :class:`CheckpointError` unless ``parts`` holds exactly the modules of its named parts."""
+    unknown = [part for part in parts.parts if part not in DECODER_PARTS]
+    if unknown:
+        raise CheckpointError(f"{where} carries decoder parts {unknown} this package does not know (it knows "
+                              f"{sorted(DECODER_PARTS)}): upgrade nnunet_smit.")
+    carried = {key[len(DECODER_PREFIX):].split(".", 1)[0] if key.startswith(DECODER_PREFIX) else key
+               for key in parts.state_dict}
+    if carried != set(parts.modules):
+        raise CheckpointError(f"{where} is corrupt: its decoder parts {list(parts.parts)} should hold "
+                              f"{list(parts.modules)} but hold {sorted(carried)}.")
+
+
 def save_encoder_checkpoint(
     path: PathLike,
     state_dict: Mapping[str, torch.Tensor],
@@ -74,20 +137,27 @@ def save_encoder_checkpoint(
     summary: Optional[Dict[str, Any]] = None,
     scan_fingerprints: Optional[Mapping[str, str]] = None,
     exported_side: Optional[str] = None,
+    decoder_parts: Optional[DecoderParts] = None,
 ) -> str:
-    """Write an encoder checkpoint atomically; returns the sha256 of the weights.
+    """Write an encoder checkpoint atomically; returns the sha256 of the encoder's weights.
 
     ``state_dict`` is a :class:`SwinEncoder` state dict (keys without prefix). ``scan_fingerprints`` is
     {fingerprint: scan name} of every scan the weights were pretrained on (:mod:`nnunet_smit.fingerprints`), stored
     as ``pretraining_scans`` (about 40 bytes a scan). ``exported_side`` is the side of the pretraining run the
     weights are, ``"teacher"`` or ``"student"`` (stored when given). A path ending in ``.safetensors`` is written as
-    safetensors with the metadata as JSON, anything else with ``torch.save``.
+    safetensors with the metadata as JSON, anything else with ``torch.save``. ``decoder_parts``: SMITNet decoder
+    blocks to carry beside the encoder (format version 2).
     """
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     sha = state_dict_sha256(weights)
+    decoder_weights: StateDict = {}
+    if decoder_parts is not None:
+        check_decoder_parts(decoder_parts, str(path))
+        decoder_weights = {k: v.detach().cpu().contiguous() for k, v in decoder_parts.state_dict.items()}
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if decoder_weights else ENCODER_ONLY_FORMAT_VERSION,
+        "parts": [ENCODER_PART, *(decoder_parts.parts if decoder_weights else ())],
         "package_version": __version__,
         "config": config.to_dict(),
         "preprocessing": (preprocessing or PretrainPreprocessing()).to_dict(),
@@ -98,13 +168,18 @@ def save_encoder_checkpoint(
     }
     if exported_side is not None:
         metadata["exported_side"] = str(exported_side)
+    if decoder_weights:
+        metadata["decoder"] = decoder_parts.metadata()
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        atomic_write(path, lambda tmp: save_file(weights, tmp, metadata={"nnunet_smit": json.dumps(metadata)}))
+        # One flat file: the decoder's keys start with "decoder.", which no encoder key does.
+        atomic_write(path, lambda tmp: save_file({**weights, **decoder_weights}, tmp,
+                                                 metadata={"nnunet_smit": json.dumps(metadata)}))
     else:
-        atomic_write(path, lambda tmp: torch.save({**metadata, "state_dict": weights}, tmp))
+        extra = {"decoder_state_dict": decoder_weights} if decoder_weights else {}
+        atomic_write(path, lambda tmp: torch.save({**metadata, "state_dict": weights, **extra}, tmp))
     return sha
 
 
@@ -130,6 +205,7 @@ class EncoderCheckpoint:
             MONAI's) and exports written before fingerprints existed; that means "unknown", not "no scan".
         exported_side: which side of a pretraining run the weights are, ``"teacher"`` or ``"student"``; for exports
             written before the field existed, their summary's ``exported``; None for files from elsewhere.
+        decoder_parts: SMITNet decoder blocks carried beside the encoder, or None (the encoder alone).
     """
 
     state_dict: StateDict
@@ -143,6 +219,13 @@ class EncoderCheckpoint:
     notes: List[str] = field(default_factory=list)
     pretraining_scans: Dict[str, str] = field(default_factory=dict)
     exported_side: Optional[str] = None
+    decoder_parts: Optional[DecoderParts] = None
+
+    @property
+    def parts(self) -> Tuple[str, ...]:
+        """What the checkpoint carries: ``("encoder",)``, ``("encoder", "skips")`` or ``("encoder", "skips",
+        "decoder")``."""
+        return (ENCODER_PART, *(self.decoder_parts.parts if self.decoder_parts is not None else ()))
 
 
 def _read_file(path: Path) -> Any:
@@ -254,6 +337,9 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
                 f"({FORMAT_VERSION}): upgrade nnunet_smit."
             )
         state_dict = _tensor_dict(obj.get("state_dict")) or {}
+        decoder_parts = _decoder_parts_of_file(obj, state_dict, path)
+        if decoder_parts is not None and "decoder_state_dict" not in obj:  # safetensors: one flat file
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(DECODER_PREFIX)}
         sha = state_dict_sha256(state_dict)
         if sha != obj.get("sha256"):
             raise CheckpointError(f"{path} is corrupt: the weights' sha256 does not match the one recorded in it.")
@@ -273,6 +359,7 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
             path=str(path),
             pretraining_scans={str(k): str(v) for k, v in scans.items()},
             exported_side=str(side) if side is not None else None,
+            decoder_parts=decoder_parts,
         )
     sd = _tensor_dict(obj)
     if sd is None and isinstance(obj, Mapping):
@@ -301,6 +388,23 @@ def load_encoder_checkpoint(path: PathLike) -> EncoderCheckpoint:
     )
 
 
+def _decoder_parts_of_file(obj: Mapping[str, Any], state_dict: StateDict, path: Path) -> Optional[DecoderParts]:
+    """The decoder parts an nnunet_smit checkpoint carries (None for the encoder alone), checked against their
+    recorded sha256."""
+    parts = tuple(p for p in obj.get("parts", [ENCODER_PART]) if p != ENCODER_PART)
+    if not parts:
+        return None
+    info = obj.get("decoder") or {}
+    tensors = _tensor_dict(obj.get("decoder_state_dict")) if "decoder_state_dict" in obj else {
+        k: v for k, v in state_dict.items() if k.startswith(DECODER_PREFIX)}
+    decoder_parts = DecoderParts(parts, str(info.get("kind", "smit")), str(info.get("norm", "instance")),
+                                 tensors or {})
+    check_decoder_parts(decoder_parts, str(path))
+    if decoder_parts.sha256 != info.get("sha256"):
+        raise CheckpointError(f"{path} is corrupt: the decoder blocks' sha256 does not match the one recorded in it.")
+    return decoder_parts
+
+
 def _from_pretraining_state(state: Mapping[str, Any], path: Path) -> EncoderCheckpoint:
     """The encoder of a pretraining run's ``checkpoint_latest.pt``: the teacher's (the student's in states of
     reconstruction-only runs from before every run kept a teacher), with the run's architecture, preprocessing,
@@ -312,6 +416,14 @@ def _from_pretraining_state(state: Mapping[str, Any], path: Path) -> EncoderChec
         raise CheckpointError(f"{path} is a pretraining state without encoder weights or architecture (damaged?).")
     step, finished = state.get("step"), bool(state.get("finished"))
     scans = state.get("pretraining_scans") or {}
+    # SMITNet's blocks a conv reconstruction head trains sit under recon_head.decoder with SMITNet's names.
+    blocks, _ = select_prefix(model, f"{side}.recon_head.decoder.")
+    blocks = {f"{DECODER_PREFIX}{k}": v for k, v in blocks.items()}
+    decoder_parts = None
+    if blocks:
+        norm = "batch" if any(k.endswith(".running_mean") for k in blocks) else "instance"
+        decoder_parts = DecoderParts(decoder_parts_of(blocks), str((state.get("config") or {}).get("decoder", "smit")),
+                                     norm, blocks)
     view = int((state.get("config") or {}).get("view_size", 96))
     return EncoderCheckpoint(
         state_dict=state_dict,
@@ -326,6 +438,7 @@ def _from_pretraining_state(state: Mapping[str, Any], path: Path) -> EncoderChec
                + ("" if finished else " (the run had not finished: its export is written at the end)")],
         pretraining_scans={str(k): str(v) for k, v in scans.items()} if isinstance(scans, Mapping) else {},
         exported_side=side,
+        decoder_parts=decoder_parts,
     )
 
 
@@ -430,4 +543,40 @@ def load_encoder_weights(encoder: nn.Module, state_dict: Mapping[str, torch.Tens
     report.adapted = notes + report.adapted
     for note in notes:
         logger.info(note)
+    return report
+
+
+def load_decoder_parts(decoder: nn.Module, parts: DecoderParts, kind: str, norm: str) -> LoadReport:
+    """Load the decoder blocks a checkpoint carries into SMITNet's ``decoder``, a decoder of ``kind`` (``"smit"`` or
+    ``"light"``) with ``norm``, strictly: a block of another decoder kind or norm, or a carried tensor that is
+    missing, unexpected or of another shape raises :class:`CheckpointError` before anything is copied.
+
+    The blocks the checkpoint does not carry keep their initialisation (the segmentation outputs ``out`` and
+    ``ds_heads`` always; ``decoder1``-``decoder5`` with the skips alone), and the report's note names them. A
+    1-channel ``encoder1`` loads into an n-channel one as the patch embedding does (kernel repeated, divided by n).
+    """
+    if (parts.kind, parts.norm) != (kind, norm):
+        raise CheckpointError(
+            f"The checkpoint's decoder blocks belong to the {parts.kind!r} decoder with {parts.norm} norm, this network "
+            f"has the {kind!r} decoder with {norm} norm; fine-tune with the network they were pretrained for.")
+    own_modules = [name for name, _ in decoder.named_children()]
+    absent = [name for name in parts.modules if name not in own_modules]
+    if absent:
+        raise CheckpointError(f"The checkpoint's decoder blocks {absent} do not exist in this network's decoder.")
+    carried = nn.Module()  # the carried blocks of ``decoder`` itself (shared, so loading into it loads into them)
+    for name in parts.modules:
+        carried.add_module(name, getattr(decoder, name))
+    state_dict = {k[len(DECODER_PREFIX):]: v for k, v in parts.state_dict.items()}
+    own = carried.state_dict()
+    notes = []
+    for key in ("encoder1.layer.conv1.conv.weight", "encoder1.layer.conv3.conv.weight"):
+        if key in state_dict and key in own and state_dict[key].shape[1] == 1 and own[key].shape[1] > 1 \
+                and state_dict[key].shape[0] == own[key].shape[0]:
+            state_dict[key] = adapt_in_channels(state_dict[key], own[key].shape[1])
+            notes.append(f"{key}: 1-channel kernel repeated over {own[key].shape[1]} input channels and divided by "
+                         f"{own[key].shape[1]}")
+    report = load_state_dict_reported(carried, state_dict, strict=True, what="decoder blocks")
+    kept = [name for name in own_modules if name not in parts.modules]
+    report.adapted = notes + [f"decoder blocks loaded ({', '.join(parts.parts)}): {', '.join(parts.modules)}; "
+                              f"at their initialisation: {', '.join(kept) or 'none'}"]
     return report

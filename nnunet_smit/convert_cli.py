@@ -10,23 +10,34 @@ from nnunet_smit.errors import SMITError, describe_os_error
 
 
 def convert(src: str, dst: str) -> str:
-    """Convert ``src`` to the project's checkpoint at ``dst``; returns the load report text."""
+    """Convert ``src`` to the project's checkpoint at ``dst``; returns the load report text. Decoder blocks the source
+    carries beside the encoder (``smit_pretrain --reconstruct_through``) travel along, checked by a strict load into
+    SMITNet's decoder."""
     from nnunet_smit.architectures import SwinEncoder
-    from nnunet_smit.checkpoint import load_encoder_checkpoint, load_encoder_weights, save_encoder_checkpoint
+    from nnunet_smit.architectures.smit_net import DECODERS
+    from nnunet_smit.checkpoint import (
+        load_decoder_parts, load_encoder_checkpoint, load_encoder_weights, save_encoder_checkpoint,
+    )
 
     ckpt = load_encoder_checkpoint(src)
     encoder = SwinEncoder(ckpt.config)
     report = load_encoder_weights(encoder, ckpt.state_dict, strict=True)
     report.adapted.extend(ckpt.notes)
+    reports = [report.summary()]
+    parts = ckpt.decoder_parts
+    if parts is not None:
+        decoder = DECODERS[parts.kind](ckpt.config.in_channels, ckpt.config.embed_dim, 1, parts.norm)
+        reports.append(load_decoder_parts(decoder, parts, parts.kind, parts.norm).summary())
     summary = dict(ckpt.summary)
     summary.setdefault("converted_from", ckpt.source)
     # The fingerprints of the scans the weights have seen travel along (the fine-tuning leakage check reads them).
-    sha = save_encoder_checkpoint(dst, encoder.state_dict(), ckpt.config, ckpt.preprocessing, ckpt.patch_size, summary,
-                                  scan_fingerprints=ckpt.pretraining_scans)
+    sha = save_encoder_checkpoint(dst, encoder.state_dict(), ckpt.config, ckpt.preprocessing, ckpt.patch_size,
+                                  summary, scan_fingerprints=ckpt.pretraining_scans, decoder_parts=parts)
     return (
         f"source layout: {ckpt.source}\n"
         f"architecture: {ckpt.config.to_dict()}\n"
-        f"{report.summary()}\n"
+        f"parts: {', '.join(ckpt.parts)}\n"
+        + "\n".join(reports) + "\n"
         f"wrote {dst} (sha256 {sha})"
     )
 

@@ -6,12 +6,19 @@ authors).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 NORMS = ("instance", "batch")
+
+# The decoder's module names by part: the blocks on the input and on the encoder's skips, the upsampling blocks (from
+# 1/32 up to full resolution), and the segmentation outputs. Pretraining may train the first two (``DECODER_PARTS``).
+SKIP_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10")
+UP_BLOCKS = ("decoder5", "decoder4", "decoder3", "decoder2", "decoder1")
+SEGMENTATION_OUTPUTS = ("out", "ds_heads")
+DECODER_PARTS: Dict[str, Tuple[str, ...]] = {"skips": SKIP_BLOCKS, "decoder": UP_BLOCKS}
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -147,16 +154,32 @@ class SMITDecoder(nn.Module):
 
     def forward(self, x_in: torch.Tensor, features: Sequence[torch.Tensor], bottleneck: torch.Tensor
                 ) -> Union[torch.Tensor, List[torch.Tensor]]:
-        enc0 = self.encoder1(x_in)
-        enc1 = self.encoder2(features[0])
-        enc2 = self.encoder3(features[1])
-        enc3 = self.encoder4(features[2])
-        dec4 = self.encoder10(bottleneck)
-        dec3 = self.decoder5(dec4, features[3])  # 1/16
-        dec2 = self.decoder4(dec3, enc3)  # 1/8
-        dec1 = self.decoder3(dec2, enc2)  # 1/4
-        dec0 = self.decoder2(dec1, enc1)  # 1/2
-        logits = self.out(self.decoder1(dec0, enc0))
+        levels = top_down(self, self.encoder1(x_in), features, bottleneck)
+        logits = self.out(levels[0])
         if not self.deep_supervision:
             return logits
-        return [logits] + [head(t) for head, t in zip(self.ds_heads, (dec0, dec1, dec2, dec3))]
+        return [logits] + [head(t) for head, t in zip(self.ds_heads, levels[1:])]
+
+
+def top_down(blocks: nn.Module, enc0: torch.Tensor, features: Sequence[torch.Tensor], bottleneck: torch.Tensor
+             ) -> List[torch.Tensor]:
+    """The decoder's pass from the bottleneck up, through the blocks of any module that holds ``encoder2..4``,
+    ``encoder10`` and ``decoder1..5`` under those names (a :class:`SMITDecoder`, or pretraining's reconstruction path).
+
+    Args:
+        enc0: ``encoder1``'s output on the input, (B, w0, D, H, W).
+        features: the encoder's four skips (F, 2F, 4F, 8F channels at 1/2 .. 1/16).
+        bottleneck: (B, 16F, D/32, H/32, W/32).
+
+    Returns:
+        the outputs of decoder1 (full resolution, w0 channels), decoder2 (1/2), decoder3, decoder4, decoder5 (1/16).
+    """
+    enc1 = blocks.encoder2(features[0])
+    enc2 = blocks.encoder3(features[1])
+    enc3 = blocks.encoder4(features[2])
+    dec4 = blocks.encoder10(bottleneck)
+    dec3 = blocks.decoder5(dec4, features[3])  # 1/16
+    dec2 = blocks.decoder4(dec3, enc3)  # 1/8
+    dec1 = blocks.decoder3(dec2, enc2)  # 1/4
+    dec0 = blocks.decoder2(dec1, enc1)  # 1/2
+    return [blocks.decoder1(dec0, enc0), dec0, dec1, dec2, dec3]

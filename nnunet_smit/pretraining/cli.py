@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError, TrainingInterrupted, describe_os_error
 from nnunet_smit.pretraining.config import (
-    CENTERING_MODES, COMPILE_MODES, DEMO_CASES, DEMO_SETTINGS, DEMO_SPACING_MM, EXPORTS, PRECISIONS, PretrainConfig,
-    default_of,
+    CENTERING_MODES, COMPILE_MODES, DECODERS, DEMO_CASES, DEMO_SETTINGS, DEMO_SPACING_MM, EXPORTS, PRECISIONS,
+    RECONSTRUCT_THROUGH, PretrainConfig, default_of,
 )
 from nnunet_smit.pretraining.distributed import launch_rank
 
@@ -31,7 +31,7 @@ CONFIG_OPTIONS = (
     "mask_ratio", "mask_cube_size", "weight_dino", "weight_ibot", "weight_reconstruction", "weight_koleo",
     "head_hidden_dim", "head_bottleneck_dim", "head_out_dim", "head_layers", "intensity_jitter", "body_bias",
     "precision", "device", "num_workers", "seed", "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
-    "log_every_steps", "preview_every_epochs", "export", "centering", "compile_mode",
+    "log_every_steps", "preview_every_epochs", "export", "centering", "compile_mode", "reconstruct_through", "decoder",
 )
 
 
@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"weight of the KoLeo regulariser of the global embeddings ({_d('weight_koleo')}; needs 2+ "
                              "scans per step)")
     parser.add_argument("--weight_reconstruction", type=float, help=f"weight of the reconstruction loss ({_d('weight_reconstruction')})")
+    parser.add_argument("--reconstruct_through", choices=RECONSTRUCT_THROUGH,
+                        help="what the reconstruction reads: bottleneck (the authors' 1x1x1 conv on the 1/32 "
+                             "bottleneck), skips (SMITNet's conv blocks on the raw image and the skips, then a light "
+                             "upsampling path) or decoder (SMITNet's whole decoder); the export carries the blocks "
+                             f"trained (default {_d('reconstruct_through')})")
+    parser.add_argument("--decoder", choices=tuple(DECODERS),
+                        help="SMITNet's decoder whose blocks skips and decoder train: smit (the authors', "
+                             f"nnUNetTrainerSMIT) or light (nnUNetTrainerSMITLight) (default {_d('decoder')})")
     parser.add_argument("--no_dino", action="store_true", help="switch the DINO objective off")
     parser.add_argument("--no_ibot", action="store_true", help="switch the iBOT objective off")
     parser.add_argument("--no_reconstruction", action="store_true", help="switch the reconstruction objective off")

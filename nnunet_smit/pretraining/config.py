@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from nnunet_smit.architectures import SMITConfig
+from nnunet_smit.architectures.smit_net import DECODERS
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.centering import CENTERING_MODES
 from nnunet_smit.pretraining.masking import CubeMaskGenerator
 from nnunet_smit.pretraining.model import ObjectiveWeights, check_objectives_and_cube
+from nnunet_smit.pretraining.reconstruction_paths import RECONSTRUCT_THROUGH
 from nnunet_smit.pretraining.sampler import ViewSampling
 
 # torch.compile's modes.
@@ -90,6 +92,10 @@ class PretrainConfig:
     weight_dino: float = 0.1
     weight_ibot: float = 0.1
     weight_reconstruction: float = 1.0
+    # What the reconstruction reads: SMIT's bottleneck (the authors'), or SMITNet's conv blocks on the raw image and
+    # the skips ("skips") or its whole decoder ("decoder"), of the ``decoder`` kind, which the export then carries.
+    reconstruct_through: str = "bottleneck"
+    decoder: str = "smit"
     # Not in SMIT: DINOv2's KoLeo regulariser on the global embedding keeps the teacher input-dependent
     # (docs/pretraining.md, "Teacher collapse").
     weight_koleo: float = 0.1
@@ -138,7 +144,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("compile_mode", COMPILE_MODES), ("precision", PRECISIONS), ("export", EXPORTS),
-                              ("centering", CENTERING_MODES)):
+                              ("centering", CENTERING_MODES), ("reconstruct_through", RECONSTRUCT_THROUGH),
+                              ("decoder", tuple(DECODERS))):
             if getattr(self, name) not in allowed:
                 raise SMITError(f"{name.replace('_', ' ')} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}.")
@@ -150,6 +157,7 @@ class PretrainConfig:
             raise SMITError("epochs must be at least 1.")
         self._check_ranges()
         self._check_encoder_and_masking()
+        self._check_reconstruction_path()
 
     def _check_ranges(self) -> None:
         """One-line errors for settings outside their meaningful range (NaN included)."""
@@ -195,6 +203,15 @@ class PretrainConfig:
             raise SMITError(f"mask ratio {self.mask_ratio} masks no {self.mask_cube_size}^3 cube of a "
                             f"{self.view_size}^3 view, so iBOT and reconstruction would learn nothing; raise it or "
                             "switch them off (--no_ibot --no_reconstruction).")
+
+    def _check_reconstruction_path(self) -> None:
+        """A reconstruction path or decoder kind that would train nothing is refused."""
+        if self.reconstruct_through != "bottleneck" and self.weight_reconstruction <= 0:
+            raise SMITError(f"--reconstruct_through {self.reconstruct_through} trains SMITNet's blocks through the "
+                            "reconstruction, which is switched off; give it a positive weight or drop the option.")
+        if self.reconstruct_through == "bottleneck" and self.decoder != "smit":
+            raise SMITError(f"--decoder {self.decoder} names the decoder whose blocks the reconstruction trains, "
+                            "which the bottleneck path has none of; add --reconstruct_through skips or decoder.")
 
     def encoder_config(self) -> SMITConfig:
         return SMITConfig.preset(self.preset, **self.encoder_overrides)

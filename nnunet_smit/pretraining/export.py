@@ -3,7 +3,9 @@
 ``smit_encoder_teacher.pt`` (or ``_student`` with ``export="student"``) is an encoder checkpoint in the project's
 format (:mod:`nnunet_smit.checkpoint`): the encoder's weights, its architecture, the cache's preprocessing, the view
 size as patch size, the side exported (``exported_side``), the summary below and the fingerprints of every scan the
-weights have seen. The side is ``export``'s whatever the objectives: every run keeps an EMA teacher.
+weights have seen. The side is ``export``'s whatever the objectives: every run keeps an EMA teacher. A run whose
+reconstruction goes through SMITNet's conv blocks (``reconstruct_through`` ``skips`` or ``decoder``) exports that
+side's blocks too, under SMITNet's keys (:class:`~nnunet_smit.checkpoint.DecoderParts`).
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from nnunet_smit.checkpoint import save_encoder_checkpoint, state_dict_sha256
+from nnunet_smit.checkpoint import DecoderParts, save_encoder_checkpoint, state_dict_sha256
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.pretraining.config import PretrainConfig
 from nnunet_smit.pretraining.distributed import DistInfo, gather_objects
 from nnunet_smit.pretraining.model import SMITPretrainModel
 from nnunet_smit.pretraining.reconstruction_loss import RECONSTRUCTION_BASELINES
+from nnunet_smit.pretraining.reconstruction_paths import DECODER_NORM, ConvReconstructionHead
 from nnunet_smit.pretraining.run_log import RunLog
 from nnunet_smit.pretraining.state import json_plain
 
@@ -44,6 +47,15 @@ def exported_side(model: SMITPretrainModel, which: str) -> Tuple[str, nn.Module]
     """(name, module) of the side to export, ``"teacher"`` or ``"student"``: the one asked for, whatever the
     objectives."""
     return which, model.teacher if which == "teacher" else model.student
+
+
+def exported_decoder_parts(side: nn.Module) -> Optional[DecoderParts]:
+    """The SMITNet blocks of ``side``'s conv reconstruction head under SMITNet's keys, or None (SMIT's bottleneck
+    head, or no reconstruction)."""
+    head = getattr(side, "recon_head", None)
+    if not isinstance(head, ConvReconstructionHead):
+        return None
+    return DecoderParts(head.parts, head.kind, DECODER_NORM, head.exported_state_dict())
 
 
 def weights_checksums(model: SMITPretrainModel) -> Dict[str, str]:
@@ -123,7 +135,7 @@ def export_encoder(
         try:
             save_encoder_checkpoint(
                 path, state_dict, model.config, preprocessing, patch_size=(config.view_size,) * 3, summary=summary,
-                scan_fingerprints=scan_fingerprints, exported_side=which,
+                scan_fingerprints=scan_fingerprints, exported_side=which, decoder_parts=exported_decoder_parts(side),
             )
             run_log.write_json("run_summary.json", summary)
         except OSError as error:

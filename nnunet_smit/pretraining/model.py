@@ -10,7 +10,9 @@ same side whatever the objectives. Objectives:
 * DINO: global token of the teacher on one view vs. the student's on the other view.
 * iBOT: patch tokens of the student on masked positions vs. the teacher's on the same positions of the same view.
 * Reconstruction: the student's bottleneck (16C at 1/32) through a 1x1x1 conv and a 3D pixel shuffle back to the
-  view, L1 on masked voxels (:mod:`~nnunet_smit.pretraining.reconstruction_loss`, with its trivial baselines).
+  view, or through SMITNet's own conv blocks (``reconstruct_through``, :mod:`~nnunet_smit.pretraining.
+  reconstruction_paths`), L1 on masked voxels (:mod:`~nnunet_smit.pretraining.reconstruction_loss`, with its trivial
+  baselines).
 * KoLeo (not in SMIT, on by default): spreads the student's global embeddings (the DINO head's L2-normalised
   bottleneck) of the different scans of a view slot, DINOv2's regulariser, here against a teacher whose output
   becomes the same for every scan (docs/pretraining.md, "Teacher collapse").
@@ -33,8 +35,9 @@ from nnunet_smit.pretraining.dino_loss import DINOLoss
 from nnunet_smit.pretraining.heads import DINOHead, ReconstructionHead
 from nnunet_smit.pretraining.ibot_loss import IBOTPatchLoss
 from nnunet_smit.pretraining.koleo_loss import koleo_loss
-from nnunet_smit.pretraining.masking import cube_mask_to_grid
+from nnunet_smit.pretraining.masking import cube_mask_to_grid, upsample_mask
 from nnunet_smit.pretraining.reconstruction_loss import RECONSTRUCTION_BASELINES, masked_l1, reconstruction_baselines
+from nnunet_smit.pretraining.reconstruction_paths import ConvReconstructionHead
 
 # Voxels per token edge at the distillation tap: patch embedding (2) x three merges (2^3).
 TAP_STRIDE = 16
@@ -114,6 +117,9 @@ class EncoderWithHeads(nn.Module):
         separate_patch_head: SMIT uses separate heads for global and patch tokens; False shares one.
         with_reconstruction: build the reconstruction head (student only).
         gradient_checkpointing: recompute encoder blocks in backward.
+        reconstruct_through: ``"bottleneck"`` (SMIT's head), ``"skips"`` or ``"decoder"`` (SMITNet's conv blocks of
+            ``decoder`` kind, :class:`~nnunet_smit.pretraining.reconstruction_paths.ConvReconstructionHead`).
+        decoder: SMITNet's decoder kind whose blocks ``skips`` and ``decoder`` train.
     """
 
     def __init__(
@@ -124,6 +130,8 @@ class EncoderWithHeads(nn.Module):
         separate_patch_head: bool = True,
         with_reconstruction: bool = True,
         gradient_checkpointing: bool = False,
+        reconstruct_through: str = "bottleneck",
+        decoder: str = "smit",
     ) -> None:
         super().__init__()
         tap_dim = config.stage_dims[TAP_STAGE] * 2
@@ -140,11 +148,14 @@ class EncoderWithHeads(nn.Module):
             # Shared head (separate_patch_head=False): _patch_head() falls back to the global head.
             if separate_patch_head or self.global_head is None:
                 self.patch_head = DINOHead(tap_dim, **head_kwargs)
-        self.recon_head = (
-            ReconstructionHead(config.bottleneck_dim, config.in_channels, config.size_divisor)
-            if with_reconstruction and enabled["reconstruction"]
-            else None
-        )
+        self.recon_head: Optional[nn.Module] = None
+        if with_reconstruction and enabled["reconstruction"]:
+            self.recon_head = (
+                ReconstructionHead(config.bottleneck_dim, config.in_channels, config.size_divisor)
+                if reconstruct_through == "bottleneck" else ConvReconstructionHead(config, reconstruct_through, decoder)
+            )
+        # Whether forward runs the reconstruction (a teacher may keep an EMA of the trained conv blocks, never run).
+        self.reconstructs = self.recon_head is not None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim)) if with_reconstruction else None
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -171,9 +182,10 @@ class EncoderWithHeads(nn.Module):
                 (view-major, T = D/16 * H/16 * W/16 per view, see :func:`masked_tap_index`), or None.
         """
         # Only the reconstruction reads the last stage: without it (the teacher) the encoder stops at the tap.
+        conv_head = self.reconstructs and isinstance(self.recon_head, ConvReconstructionHead)
         out = self.encoder(
             views, token_mask=token_mask, mask_token=self.mask_token if token_mask is not None else None,
-            with_features=False, num_stages=4 if self.recon_head is not None else TAP_STAGE + 1,
+            with_features=conv_head, num_stages=4 if self.reconstructs else TAP_STAGE + 1,
         )
         result = StudentOutput()
         need_tap = self.global_head is not None or self.patch_head_enabled or self.global_token_wanted
@@ -188,7 +200,13 @@ class EncoderWithHeads(nn.Module):
                 # A gather with indices known in advance: unlike a boolean selection, it does not wait for the
                 # device to count the selected tokens.
                 result.patch_logits = patch_head(tokens.flatten(0, 1).index_select(0, patch_index))
-        if self.recon_head is not None:
+        if conv_head:
+            # Hidden where the encoder saw the mask token: every voxel of a masked cube (and no more, for cubes of
+            # 2 voxels or more).
+            hidden = (upsample_mask(token_mask, self.encoder.config.patch_size) if token_mask is not None
+                      else torch.zeros_like(views[:, 0], dtype=torch.bool))
+            result.reconstruction = self.recon_head(views, hidden, out.features, out.bottleneck)
+        elif self.reconstructs:
             result.reconstruction = self.recon_head(out.bottleneck)
         return result
 
@@ -259,6 +277,9 @@ class SMITPretrainModel(nn.Module):
         centering: teacher centering of both losses, ``"sinkhorn_knopp"`` or ``"center"`` (running mean).
         separate_patch_head: separate heads for global and patch tokens (SMIT: True).
         gradient_checkpointing: recompute student encoder blocks in backward (the teacher needs no gradients).
+        reconstruct_through: ``"bottleneck"`` (SMIT), ``"skips"`` or ``"decoder"``: what the reconstruction reads
+            (:mod:`~nnunet_smit.pretraining.reconstruction_paths`).
+        decoder: SMITNet's decoder kind whose blocks ``skips`` and ``decoder`` train (``"smit"`` or ``"light"``).
     """
 
     def __init__(
@@ -272,6 +293,8 @@ class SMITPretrainModel(nn.Module):
         centering: str = "center",
         separate_patch_head: bool = True,
         gradient_checkpointing: bool = False,
+        reconstruct_through: str = "bottleneck",
+        decoder: str = "smit",
     ) -> None:
         super().__init__()
         self.config = config
@@ -280,7 +303,8 @@ class SMITPretrainModel(nn.Module):
         check_objectives_and_cube(self.weights, mask_cube_size)
         enabled = self.weights.enabled()
         self.mask_cube_size = int(mask_cube_size)
-        self.student = EncoderWithHeads(config, self.weights, heads, separate_patch_head, True, gradient_checkpointing)
+        self.student = EncoderWithHeads(config, self.weights, heads, separate_patch_head, True, gradient_checkpointing,
+                                        reconstruct_through, decoder)
         # Whether the teacher runs forward (DINO or iBOT); it is kept, and follows the student, in every run.
         self.distills = enabled["dino"] or enabled["ibot"]
         self.teacher = self._copy_student_as_teacher()
@@ -289,10 +313,13 @@ class SMITPretrainModel(nn.Module):
         self.ibot_loss = IBOTPatchLoss(heads.out_dim, **loss_kwargs) if enabled["ibot"] else None
 
     def _copy_student_as_teacher(self) -> EncoderWithHeads:
-        """The teacher starts as an exact copy of the student (without mask token and reconstruction head); with
-        reconstruction alone it is the encoder and the tap norm."""
+        """The teacher starts as an exact copy of the student without mask token; with reconstruction alone it is
+        the encoder and the tap norm. It never reconstructs, but keeps an EMA of a conv reconstruction head (SMITNet's
+        blocks, exported with the teacher's encoder); SMIT's bottleneck head it drops."""
         teacher = copy.deepcopy(self.student)
-        teacher.recon_head = None
+        if not isinstance(teacher.recon_head, ConvReconstructionHead):
+            teacher.recon_head = None
+        teacher.reconstructs = False
         teacher.mask_token = None
         teacher.encoder.set_gradient_checkpointing(False)
         for p in teacher.parameters():

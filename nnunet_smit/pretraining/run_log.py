@@ -159,8 +159,9 @@ class RunLog:
             text = json.dumps(payload, indent=2, default=str)
             atomic_write(self.output_dir / name, lambda tmp: Path(tmp).write_text(text))
 
-    def epoch_figures(self, epoch: int, preview: Optional[Dict[str, Any]]) -> None:
-        """The loss curves so far and, when given, the reconstruction preview of 0-based ``epoch``."""
+    def epoch_figures(self, epoch: int, preview: Optional[Dict[str, Any]], note: str = "") -> None:
+        """The loss curves so far and, when given, the reconstruction preview of 0-based ``epoch`` (``note`` goes
+        into its title)."""
         if not self.writes:
             return
         from nnunet_smit.pretraining.plots import plot_reconstruction
@@ -170,7 +171,7 @@ class RunLog:
             return
         try:
             plot_reconstruction(preview, self.plot_dir / f"reconstruction_epoch{epoch + 1:04d}.png",
-                                title=f"epoch {epoch + 1}")
+                                title=f"epoch {epoch + 1}" + (f", {note}" if note else ""))
         except Exception as error:  # noqa: BLE001 - a figure must never stop training
             logger.warning("could not write plots: %s", error)
 

@@ -214,6 +214,9 @@ def start_from_init_encoder(
         if changed and checkpoint.source == "nnunet_smit":
             logger.warning("the --init_encoder weights were pretrained on differently prepared scans (%s): their "
                            "filters meet other intensities or scales at first.", "; ".join(changed))
+        if checkpoint.decoder_parts is not None:
+            logger.info("the decoder blocks %s carries beside the encoder (%s) are not read: --init_encoder starts "
+                        "the encoders only.", checkpoint.path, ", ".join(checkpoint.decoder_parts.parts))
     record = {"init_encoder": {"path": checkpoint.path, "source": checkpoint.source, "sha256": checkpoint.sha256,
                                "tensors": report.loaded, "notes": checkpoint.notes}}
     return dict(checkpoint.pretraining_scans), record

@@ -141,6 +141,8 @@ class PretrainTrainer:
             centering=config.centering,
             separate_patch_head=config.separate_patch_head,
             gradient_checkpointing=config.gradient_checkpointing,
+            reconstruct_through=config.reconstruct_through,
+            decoder=config.decoder,
         ).to(self.device)
         return model.train()
 
@@ -540,7 +542,9 @@ class PretrainTrainer:
             self.check_diverged(record)
             window.reset()
         if epoch_end or last:
-            self.run_log.epoch_figures(epoch, out.preview)
+            through = config.reconstruct_through
+            self.run_log.epoch_figures(epoch, out.preview,
+                                       note="" if through == "bottleneck" else f"reconstruction through the {through}")
         self._save_or_stop(epoch_end, last)
         return last
 
