@@ -29,7 +29,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_smit.architectures import SMITConfig, SMITNet
-from nnunet_smit.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_encoder_weights
+from nnunet_smit.checkpoint import (
+    EncoderCheckpoint, load_decoder_parts, load_encoder_checkpoint, load_encoder_weights,
+)
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import CheckpointError, SMITError
 from nnunet_smit.files import atomic_write
@@ -307,6 +309,9 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
 
     # --- pretrained encoder ---------------------------------------------------------------------------------
     def _load_pretrained_encoder(self) -> None:
+        """Load every part the checkpoint carries, strictly: the encoder, and the SMITNet decoder blocks that
+        ``smit_pretrain --reconstruct_through`` trained (the segmentation outputs stay random); one load report each
+        in the training log. The Scratch twin loads nothing."""
         settings = self.configuration_manager.configuration[plans_settings.SMIT_PLANS_KEY]
         if not self.require_pretrained_weights:
             self.print_to_log_file("SMIT: encoder starts from random init (no pretrained weights).")
@@ -324,12 +329,24 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
                 "(from an earlier run in the same results folder); point nnUNet_SMIT_weights at the checkpoint "
                 "used before, or start in a fresh results folder."
             )
-        encoder = unwrap_network(self.network).encoder
-        report = load_encoder_weights(encoder, checkpoint.state_dict, strict=True)
+        parts, decoder = checkpoint.decoder_parts, settings.get("decoder", plans_settings.DEFAULT_DECODER)
+        if parts is not None and parts.kind != decoder:
+            raise CheckpointError(
+                f"The encoder checkpoint {checkpoint.path} carries pretrained blocks of the {parts.kind!r} decoder, "
+                f"and {type(self).__name__} builds the {decoder!r} decoder: fine-tune it with "
+                f"{'nnUNetTrainerSMITLight' if parts.kind == 'light' else 'nnUNetTrainerSMIT'} (or a variant of it).")
+        network = unwrap_network(self.network)
+        report = load_encoder_weights(network.encoder, checkpoint.state_dict, strict=True)
         self.print_to_log_file(
             f"SMIT: loaded pretrained encoder from {checkpoint.path} (sha256 {checkpoint.sha256}, "
             f"source {checkpoint.source})\n{report.summary()}"
         )
+        if parts is not None:
+            report = load_decoder_parts(network.decoder, parts, decoder, settings.get("decoder_norm", "instance"))
+            self.print_to_log_file(
+                f"SMIT: loaded pretrained decoder blocks ({', '.join(parts.parts)}) from the same checkpoint "
+                f"(sha256 {parts.sha256})\n{report.summary()}"
+            )
         for note in checkpoint.notes:
             self.print_to_log_file(f"SMIT: {note}")
         if self.local_rank == 0:  # nnU-Net's local_rank is the global rank: the one process that writes the log
