@@ -33,6 +33,14 @@ Goals, checked in the printout: the engine's default step >= 3x the authors' cro
     python benchmarks/bench_pretrain.py --device cuda --json out.json  # GPU: smit_small, 96^3, batch 6
     python benchmarks/bench_pretrain.py --cache /path/to/cache         # loader on a real cache
 
+Reconstruction paths (``--reconstruct_through``, default all three of ``bottleneck,skips,decoder``; also
+``skips-light`` and ``decoder-light``, the light decoder's blocks): the engine's default setting (fp32 on a CPU, bf16
+on a GPU) runs once per path, side by side, and each path's step is counted in FLOPs (``torch.utils.flop_counter``, on
+the meta device: nothing is computed) here and for smit_small at 96^3 with batch 6 and the full heads (the authors'
+GPU run). The printout extrapolates a GPU's steps/s for each path from a measured bottleneck step
+(``--gpu_bottleneck_steps_per_s``, the H200's bf16 figure of docs/performance.md) two ways: every FLOP at that step's
+rate (the slowest it can be), and the added FLOPs at SMITNet's achieved convolution rate (``--gpu_conv_tflops``).
+
 ``--profile N`` profiles N more steps of each setting after timing them and prints, per setting, the step's wall
 time against the device's busy time (the sum of its kernels' durations), kernel launches and host operations per
 step, and the costliest kernels: whether the host or the device bounds the step. (Kernels replayed inside a CUDA
@@ -74,6 +82,20 @@ SETTINGS: Dict[str, tuple] = {
     "bf16+math": ("bf16", False, None, False, "bf16, math attention", "math"),
     "bf16+cudnn": ("bf16", False, None, False, "bf16, cuDNN attention preferred", "cudnn"),
 }
+# Reconstruction paths: name -> (reconstruct_through, decoder kind).
+PATHS: Dict[str, tuple] = {
+    "bottleneck": ("bottleneck", "smit"),
+    "skips": ("skips", "smit"),
+    "decoder": ("decoder", "smit"),
+    "skips-light": ("skips", "light"),
+    "decoder-light": ("decoder", "light"),
+}
+# The GPU run the FLOPs are also counted for: the authors' preset, view and batch, full heads.
+GPU_RUN = {"preset": "smit_small", "view": 96, "batch": 6}
+# H200, 2026-11-26 (docs/performance.md): the bf16 pretraining step of smit_small at 96^3, batch 6 (SMIT's bottleneck
+# head), and SMITNet's achieved bf16 rate in a 96^3 training step (its FLOPs are mostly 3D convolutions).
+H200_BOTTLENECK_STEPS_PER_S = 6.03
+H200_CONV_TFLOPS = 47.6
 SPEEDUP_GOAL_VS_AUTHORS = 3.0
 LOADER_GOAL_VS_STEP = 4.0
 # A subprocess is not started with less time than this left in --budget_s.
@@ -130,17 +152,18 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
     from nnunet_smit.pretraining.config import PretrainConfig
     from nnunet_smit.pretraining.trainer import PretrainTrainer
 
-    precision, checkpointing, compile_mode, authors, _, kernel = SETTINGS[name]
+    setting, _, path = name.partition("@")
+    through, decoder = PATHS[path or "bottleneck"]
+    precision, checkpointing, compile_mode, authors, _, kernel = SETTINGS[setting]
     if authors:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     cache = CacheIndex.open(args.cache)
-    heads = dict(head_hidden_dim=2048, head_bottleneck_dim=256, head_out_dim=8192) if not args.small_heads else \
-        dict(head_hidden_dim=256, head_bottleneck_dim=64, head_out_dim=1024)
+    heads = bench_heads(args)
     config = PretrainConfig(
         preset=args.preset, view_size=args.view, region_size=args.view + 32, batch_size=args.batch,
         precision=precision, gradient_checkpointing=checkpointing, compile=compile_mode is not None,
-        compile_mode=compile_mode or "default", device=args.device,
+        compile_mode=compile_mode or "default", device=args.device, reconstruct_through=through, decoder=decoder,
         num_workers=0, progress=False, epochs=100, warmup_epochs=1, **heads,
     )
     with tempfile.TemporaryDirectory(prefix="smit_bench_run_") as out:
@@ -176,7 +199,8 @@ def train_setting(args: argparse.Namespace, name: str) -> Dict:
     memory = (torch.cuda.max_memory_allocated() / 2**20 if cuda
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     steps_per_s = args.steps / elapsed
-    return {"kind": "train", "setting": name, "precision": precision, "gradient_checkpointing": checkpointing,
+    return {"kind": "train", "setting": name, "reconstruct_through": through, "decoder": decoder,
+            "precision": precision, "gradient_checkpointing": checkpointing,
             "compile": compile_mode, "attention": kernel or "sdpa default",
             "numerics": numerics_flags(), "steps_per_s": steps_per_s, "crops_per_s": steps_per_s * args.batch,
             "views_per_s": steps_per_s * args.batch * 2, "peak_memory_mb": memory, "first_step_s": first_step_s,
@@ -233,6 +257,42 @@ def profile_steps(trainer: Any, batch: Dict[str, Any], steps: int, sync: Any) ->
             "top_ops_ms_per_step": top_ops}
 
 
+def step_flops(preset: str, view: int, batch: int, path: str, heads: Dict[str, int]) -> float:
+    """FLOPs of one training step's forward and backward (student, teacher, heads, losses) for a reconstruction
+    path, counted by ``torch.utils.flop_counter`` on the meta device (shapes only, nothing computed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnunet_smit.architectures import SMITConfig
+    from nnunet_smit.pretraining.masking import CubeMaskGenerator
+    from nnunet_smit.pretraining.model import HeadConfig, SMITPretrainModel
+
+    through, decoder = PATHS[path]
+    head = HeadConfig(heads["head_hidden_dim"], heads["head_bottleneck_dim"], heads["head_out_dim"])
+    model = SMITPretrainModel(SMITConfig.preset(preset), heads=head, reconstruct_through=through,
+                              decoder=decoder).to("meta")
+    views = torch.empty(batch, 2, 1, view, view, view, device="meta")
+    masks = CubeMaskGenerator(16, 0.7)(batch * 2, (view,) * 3).view(batch, 2, *(view // 16,) * 3)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.compute_losses(views, masks, 0.04).total.backward()
+    return float(counter.get_total_flops())
+
+
+def flops_setting(args: argparse.Namespace, path: str) -> Dict:
+    """A path's step FLOPs here (the bench's preset, view, batch and heads) and in the authors' GPU run."""
+    full = dict(head_hidden_dim=2048, head_bottleneck_dim=256, head_out_dim=8192)
+    here = step_flops(args.preset, args.view, args.batch, path, bench_heads(args))
+    gpu = step_flops(GPU_RUN["preset"], GPU_RUN["view"], GPU_RUN["batch"], path, full)
+    return {"kind": "flops", "path": path, "step_flops": here, "gpu_run_step_flops": gpu}
+
+
+def bench_heads(args: argparse.Namespace) -> Dict[str, int]:
+    if args.small_heads:
+        return dict(head_hidden_dim=256, head_bottleneck_dim=64, head_out_dim=1024)
+    return dict(head_hidden_dim=2048, head_bottleneck_dim=256, head_out_dim=8192)
+
+
 def loader_setting(args: argparse.Namespace, workers: int) -> Dict:
     import torch
 
@@ -285,11 +345,45 @@ def run_child(argv: List[str], timeout_s: float) -> Dict:
     return {**json.loads(lines[-1]), "wall_s": wall_s}
 
 
+def label_of(name: str) -> str:
+    """A training row's label: the setting's, and the reconstruction path after ``@`` when not the bottleneck."""
+    setting, _, path = name.partition("@")
+    return SETTINGS[setting][4] + (f", through {path}" if path else "")
+
+
+def report_paths(args: argparse.Namespace, default: str, train: Dict[str, Dict], flops: Dict[str, Dict]) -> None:
+    """The reconstruction paths side by side: measured steps/s here, FLOPs per step here and in the authors' GPU
+    run, and the GPU's steps/s extrapolated from its measured bottleneck step."""
+    rows = {path: train.get(default if path == "bottleneck" else f"{default}@{path}", {}) for path in args.paths}
+    base = rows.get("bottleneck", {}).get("steps_per_s")
+    base_flops = flops.get("bottleneck", {})
+    ref, conv = args.gpu_bottleneck_steps_per_s, args.gpu_conv_tflops * 1e12
+    run = f"{GPU_RUN['preset']} {GPU_RUN['view']}^3 batch {GPU_RUN['batch']}"
+    print(f"\nreconstruction paths ({SETTINGS[default][4]} here; GPU: {run} from {ref:g} steps/s through the "
+          f"bottleneck, added FLOPs at {args.gpu_conv_tflops:g} TFLOP/s)")
+    print(f"{'path':<16}{'steps/s':>9}{'vs bottleneck':>15}{'GFLOP/step':>12}{'FLOPs x':>9}{'GPU TFLOP/step':>16}"
+          f"{'GPU FLOPs x':>13}{'GPU steps/s (est.)':>20}")
+    for path, result in rows.items():
+        counted = flops.get(path, {})
+        steps = result.get("steps_per_s")
+        here, gpu = counted.get("step_flops"), counted.get("gpu_run_step_flops")
+        gpu0 = base_flops.get("gpu_run_step_flops")
+        estimate = "-"
+        if gpu and gpu0:
+            slowest = ref * gpu0 / gpu
+            added = 1.0 / (1.0 / ref + (gpu - gpu0) / conv)
+            estimate = f"{slowest:.2f} - {added:.2f}"
+        print(f"{path:<16}{(f'{steps:.3f}' if steps else result.get('error', '-')):>9}{_ratio(steps, base):>15}"
+              f"{(f'{here / 1e9:.0f}' if here else '-'):>12}{_ratio(here, base_flops.get('step_flops')):>9}"
+              f"{(f'{gpu / 1e12:.2f}' if gpu else '-'):>16}{_ratio(gpu, gpu0):>13}{estimate:>20}")
+
+
 def _ratio(value: Optional[float], base: Optional[float]) -> str:
     return f"{value / base:.2f}x" if value and base else "-"
 
 
-def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict], loaders: List[Dict]) -> Dict:
+def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict], loaders: List[Dict],
+           flops: Dict[str, Dict]) -> Dict:
     """Print the tables and goals; returns the goal figures for the JSON."""
     gpu = args.device.startswith("cuda")
     print(f"\nmachine: {info.get('gpu', info['cpu'])}" + (f" ({info['gpu_memory_gib']} GiB, {info['gpu_capability']}, "
@@ -306,7 +400,7 @@ def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict
     print(f"{'training step':<{width}}{'steps/s':>9}{'crops/s':>9}{'peak MiB':>10}{'warm-up s':>11}"
           f"{'vs fp32':>9}{'vs authors':>11}")
     for name, result in train.items():
-        label = SETTINGS[name][4]
+        label = label_of(name)
         if "error" in result:
             print(f"{label:<{width}}{result['error']}")
             continue
@@ -321,7 +415,7 @@ def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict
             busy = result["device_busy_ms_per_step"]
             share = f"{busy / result['profiled_wall_ms_per_step']:.0%}" if busy is not None else "-"
             busy_text = f"{busy:.1f}" if busy is not None else "-"
-            print(f"{SETTINGS[name][4]:<{width}}{result['profiled_wall_ms_per_step']:>9.1f}"
+            print(f"{label_of(name):<{width}}{result['profiled_wall_ms_per_step']:>9.1f}"
                   f"{busy_text:>9}{share:>7}{result['kernels_per_step']:>9.0f}"
                   f"{result['host_top_level_ops_per_step']:>10.0f}")
             for kernel, ms in result["top_kernels_ms_per_step"][:4]:
@@ -340,7 +434,7 @@ def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict
                                        "pass": verdict == "PASS"}
         print(f"goal: the engine's default step ({default}) vs authors: {speedup:.2f}x -> {verdict} "
               f"(goal >= {SPEEDUP_GOAL_VS_AUTHORS:.0f}x)")
-    timed = {name: r["crops_per_s"] for name, r in train.items() if "crops_per_s" in r}
+    timed = {name: r["crops_per_s"] for name, r in train.items() if "crops_per_s" in r and "@" not in name}
     fastest_name = max(timed, key=timed.get) if timed else None
     fastest = timed.get(fastest_name, 0.0) if fastest_name else 0.0
     if fastest_name and authors:
@@ -358,6 +452,8 @@ def report(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict
         print(f"{result['workers']:<{width}}{result['crops_per_s']:>9.2f}{_ratio(result['crops_per_s'], fastest):>17}"
               f"{verdict:>7}")
     print(f"goal: loader crops/s >= {LOADER_GOAL_VS_STEP:.0f}x the fastest step's at the worker count used")
+    if len(args.paths) > 1:
+        report_paths(args, default, train, flops)
     return goals
 
 
@@ -382,6 +478,14 @@ def main() -> None:
     parser.add_argument("--budget_s", type=float, default=0.0, help="wall-clock bound of the whole run (0: none)")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile N more steps per setting: device busy time vs wall time, kernels")
+    parser.add_argument("--reconstruct_through", default="bottleneck,skips,decoder",
+                        help=f"reconstruction paths timed side by side with the default setting, of {', '.join(PATHS)}")
+    parser.add_argument("--gpu_bottleneck_steps_per_s", type=float, default=H200_BOTTLENECK_STEPS_PER_S,
+                        help="a GPU's measured bottleneck step (smit_small, 96^3, batch 6) that the paths' GPU cost is "
+                             "extrapolated from (default: the H200's, docs/performance.md)")
+    parser.add_argument("--gpu_conv_tflops", type=float, default=H200_CONV_TFLOPS,
+                        help="the rate the added convolution FLOPs are assumed to run at on that GPU (default: SMITNet's "
+                             "achieved bf16 rate on the H200)")
     parser.add_argument("--json", default="")
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -391,10 +495,14 @@ def main() -> None:
     args.batch = args.batch or (6 if gpu else 2)
     args.steps = args.steps or (20 if gpu else 4)
     args.warmup = max(args.warmup if args.warmup is not None else (5 if gpu else 1), 1)
+    args.paths = list(dict.fromkeys(args.reconstruct_through.split(",")))
+    if any(path not in PATHS for path in args.paths):
+        parser.error(f"unknown reconstruction path in {args.reconstruct_through}; choose from {', '.join(PATHS)}")
 
     if args._child:
         kind, value = args._child.split(":", 1)
-        print(json.dumps(train_setting(args, value) if kind == "train" else loader_setting(args, int(value))))
+        run = {"train": train_setting, "flops": flops_setting}.get(kind)
+        print(json.dumps(run(args, value) if run else loader_setting(args, int(value))))
         return
 
     start = time.monotonic()
@@ -422,9 +530,14 @@ def main() -> None:
         # for the speed goal), the loader, then the other settings.
         default = "bf16" if gpu else "fp32"
         core = [n for n in ("authors", default) if n in names] + [n for n in names if SETTINGS[n][2] is not None]
-        jobs = ([("train", n) for n in dict.fromkeys(core)] + [("loader", w) for w in workers]
+        # The reconstruction paths next: the default setting through each, and their FLOPs.
+        paths = [f"{default}@{p}" for p in args.paths if p != "bottleneck"] if default in names else []
+        counted = args.paths if len(args.paths) > 1 else []
+        jobs = ([("train", n) for n in dict.fromkeys(core)] + [("train", n) for n in paths]
+                + [("flops", p) for p in counted] + [("loader", w) for w in workers]
                 + [("train", n) for n in names if n not in core])
-        train: Dict[str, Dict] = {n: {"error": "not run"} for n in names}
+        train: Dict[str, Dict] = {n: {"error": "not run"} for n in names + paths}
+        flops: Dict[str, Dict] = {}
         loaders: List[Dict] = []
         for kind, value in jobs:
             left = deadline - time.monotonic()
@@ -434,23 +547,26 @@ def main() -> None:
                 result = run_child(common + ["--_child", f"{kind}:{value}"], min(child_timeout, left))
             if kind == "train":
                 train[value] = result
+            elif kind == "flops":
+                flops[value] = result
             else:
                 loaders.append({**result, "workers": value})
-            shown = f"{result['crops_per_s']:.2f} crops/s" if "crops_per_s" in result else result["error"]
+            shown = (f"{result['crops_per_s']:.2f} crops/s" if "crops_per_s" in result else
+                     f"{result['step_flops'] / 1e9:.0f} GFLOP/step" if "step_flops" in result else result["error"])
             print(f"[{time.monotonic() - start:6.1f} s] {kind} {value}: {shown}", flush=True)
             if args.json:
-                write_json(args, info, train, loaders, {})
-        goals = report(args, info, train, loaders)
+                write_json(args, info, train, loaders, flops, {})
+        goals = report(args, info, train, loaders, flops)
     if args.json:
-        write_json(args, info, train, loaders, goals)
+        write_json(args, info, train, loaders, flops, goals)
 
 
 def write_json(args: argparse.Namespace, info: Dict[str, str], train: Dict[str, Dict], loaders: List[Dict],
-               goals: Dict) -> None:
+               flops: Dict[str, Dict], goals: Dict) -> None:
     payload = {"machine": info, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "preset": args.preset,
                "view": args.view, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-               "device": args.device, "train": [{"setting": n, "label": SETTINGS[n][4], **r} for n, r in train.items()],
-               "loader": loaders, "goals": goals}
+               "device": args.device, "train": [{"setting": n, "label": label_of(n), **r} for n, r in train.items()],
+               "loader": loaders, "flops": flops, "goals": goals}
     Path(args.json).write_text(json.dumps(payload, indent=2))
 
 
