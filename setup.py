@@ -97,6 +97,7 @@ setup(
             "smit_convert=nnunet_smit.convert_cli:main",
             "smit_pretrain=nnunet_smit.pretraining.cli:main",
             "smit_study=nnunet_smit.study.cli:main",
+            "smit_probe=nnunet_smit.probe.cli:main",
             "smit_demo=nnunet_smit.demo:main",
             "smit_plan=nnunet_smit.trainers.smit_plans:main",
             "smit_trainer_path=nnunet_smit.registration:main",

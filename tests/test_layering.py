@@ -32,7 +32,7 @@ class Rule(NamedTuple):
 
 
 LOW = ("errors", "files", "conventions", "fingerprints", "checkpoint", "architectures")
-HIGH = ("pretraining", "trainers", "study", "demo")
+HIGH = ("pretraining", "trainers", "study", "probe", "demo")
 
 RULES: list[Rule] = [
     Rule(
@@ -45,6 +45,8 @@ RULES: list[Rule] = [
     Rule("nnunet_smit.trainers", "nnunet_smit.pretraining", "trainers must not import pretraining"),
     Rule("nnunet_smit.study", "nnunet_smit.pretraining",
          "the study judges encoders through their checkpoints and the trainers, never pretraining's code"),
+    Rule("nnunet_smit.probe", "nnunet_smit.pretraining",
+         "the probe judges encoders through their modules and checkpoints, never pretraining's code"),
     *(
         Rule(f"nnunet_smit.{low}", f"nnunet_smit.{high}", f"{low} sits below {high} and must not import it")
         for low in LOW

@@ -139,20 +139,31 @@ class SMITNet(nn.Module):
         """Scale of each deep-supervision output relative to the input, highest resolution first."""
         return [[1.0 / 2**i] * 3 for i in range(5)]
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def to_encoder_axes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) in the input's axis order -> the same voxels in the encoder's (z, y, x) order."""
+        if self.input_axes is None:
+            return x
+        return x.permute(0, 1, *[2 + a for a in inverse_permutation(self.input_axes)])
+
+    def from_encoder_axes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) in the encoder's (z, y, x) order -> the input's axis order (undoes ``to_encoder_axes``)."""
+        if self.input_axes is None:
+            return x
+        return x.permute(0, 1, *[2 + a for a in self.input_axes])
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder gets from an input x (B, C_in, D, H, W): the intensity mapping, then (z, y, x) order."""
         if self.input_mapping is not None:
             x = self.input_mapping(x)
-        if self.input_axes is None:
-            enc = self.encoder(x)
-            return self.decoder(x, enc.features, enc.bottleneck)
-        to_zyx = [2 + a for a in inverse_permutation(self.input_axes)]
-        back = [2 + a for a in self.input_axes]
-        x = x.permute(0, 1, *to_zyx)
+        return self.to_encoder_axes(x)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        x = self.encoder_input(x)
         enc = self.encoder(x)
         out = self.decoder(x, enc.features, enc.bottleneck)
         if isinstance(out, (list, tuple)):
-            return [o.permute(0, 1, *back) for o in out]
-        return out.permute(0, 1, *back)
+            return [self.from_encoder_axes(o) for o in out]
+        return self.from_encoder_axes(out)
 
     # The authors' complete fine-tuning network --------------------------------------------------------------
     @classmethod

@@ -20,20 +20,21 @@ def write_study_json(path: Path, header: Dict[str, Any], rows: List[Dict[str, An
     _write_text_atomic(Path(path), json.dumps({**header, "rows": rows}, indent=2) + "\n")
 
 
-def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, int], Tuple[float, float, int]]:
-    """(arm, labelled) -> (mean Dice, sample sd over seeds (0 for one seed), number of seeds with a Dice)."""
+def summarise(rows: Sequence[Dict[str, Any]], key: str = "arm") -> Dict[Tuple[str, int], Tuple[float, float, int]]:
+    """(row[key], labelled) -> (mean Dice, sample sd over seeds (0 for one seed), number of seeds with a Dice)."""
     groups: Dict[Tuple[str, int], List[float]] = defaultdict(list)
     for row in rows:
         if row.get("dice") is not None:
-            groups[(row["arm"], int(row["labelled"]))].append(float(row["dice"]))
+            groups[(row[key], int(row["labelled"]))].append(float(row["dice"]))
     return {key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
             for key, v in groups.items()}
 
 
-def markdown_table(rows: Sequence[Dict[str, Any]], arms: Sequence[str], labelled: Sequence[int]) -> str:
-    """Mean +- sd Dice on the held-out set: one row per arm, one column per number of labelled cases."""
-    stats = summarise(rows)
-    lines = ["| arm | " + " | ".join(f"k={k}" for k in labelled) + " |",
+def markdown_table(rows: Sequence[Dict[str, Any]], arms: Sequence[str], labelled: Sequence[int],
+                   key: str = "arm") -> str:
+    """Mean +- sd Dice on the held-out set: one row per arm (``row[key]``), one column per number of labelled cases."""
+    stats = summarise(rows, key)
+    lines = [f"| {key} | " + " | ".join(f"k={k}" for k in labelled) + " |",
              "|---|" + "---|" * len(labelled)]
     for arm in arms:
         cells = []
@@ -85,14 +86,14 @@ def _describe_arm(arm: Dict[str, Any], header: Dict[str, Any], rows: Sequence[Di
     return f"{arm['name']} = {arm['encoder']} ({', '.join(details)})"
 
 
-def plot_study(path: Path, rows: Sequence[Dict[str, Any]], arms: Sequence[str], title: str) -> None:
-    """Dice against labelled cases (log2 axis), one line per arm, its spread (mean ± sd) shaded."""
+def plot_study(path: Path, rows: Sequence[Dict[str, Any]], arms: Sequence[str], title: str, key: str = "arm") -> None:
+    """Dice against labelled cases (log2 axis), one line per arm (``row[key]``), its spread (mean ± sd) shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = summarise(rows)
+    stats = summarise(rows, key)
     # nnU-Net's progress plot calls seaborn.set(font_scale=2.5) in this process: draw with matplotlib's defaults
     with plt.style.context("default"):
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -105,7 +106,7 @@ def plot_study(path: Path, rows: Sequence[Dict[str, Any]], arms: Sequence[str], 
             line, = ax.plot(ks, mean, marker="o", label=arm)
             ax.fill_between(ks, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
             for row in rows:
-                if row["arm"] == arm and row.get("dice") is not None:
+                if row[key] == arm and row.get("dice") is not None:
                     ax.plot(row["labelled"], row["dice"], ".", color=line.get_color(), alpha=0.5)
         all_k = sorted({int(r["labelled"]) for r in rows})
         if all_k:

@@ -1,0 +1,175 @@
+"""smit_probe end to end on a tiny planned dataset: cases, outputs, baselines, scoring, online probe, one-line errors.
+
+The dataset (tests/trainers/synthetic_dataset.py) plants its labels in the intensities (liver 90 HU, bone 700 HU in
+20 HU soft tissue and air): the intensity baseline must find them, which checks sampling, training, nnU-Net's sliding
+window, export and scoring together. About a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from nnunet_smit.architectures import SMITConfig, SwinEncoder
+from nnunet_smit.checkpoint import save_encoder_checkpoint
+from nnunet_smit.conventions import PretrainPreprocessing
+from nnunet_smit.probe.cli import main
+from tests.trainers.synthetic_dataset import write_dataset
+
+DATASET_ID = 904
+ROW_FIELDS = {"encoder", "labelled", "seed", "train_cases", "test_cases", "dice", "dice_per_class", "seconds"}
+SMALL = ["--patches_per_case", "2", "--iterations", "300", "-device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def nnunet_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    dirs = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    name, _ = write_dataset(dirs["nnUNet_raw"], DATASET_ID, num_cases=6, num_test_cases=0)
+    config = SMITConfig.preset("tiny")
+    encoder = root / "encoder.pt"
+    save_encoder_checkpoint(encoder, SwinEncoder(config).state_dict(), config)
+    with pytest.MonkeyPatch.context() as environment:
+        for variable, folder in dirs.items():
+            folder.mkdir(exist_ok=True)
+            environment.setenv(variable, str(folder))
+        yield root, dirs, name, encoder
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_an_unplanned_dataset_is_one_line(nnunet_dirs, capsys):
+    root, dirs, name, encoder = nnunet_dirs
+    if (dirs["nnUNet_preprocessed"] / name).exists():
+        pytest.skip("the dataset is planned already (tests run out of order)")
+    err = _one_line_error(capsys, ["-d", str(DATASET_ID), "-o", str(root / "never"), "--encoder", str(encoder)])
+    assert f"nnUNetv2_plan_and_preprocess -d {DATASET_ID} -c 3d_fullres" in err
+    assert not (root / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def planned(nnunet_dirs):
+    root, dirs, name, encoder = nnunet_dirs
+    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
+                    "-npfp", "1"], env={**os.environ, "nnUNet_n_proc_DA": "1"}, check=True, capture_output=True)
+    return root, dirs, name, encoder
+
+
+@pytest.fixture(scope="module")
+def probe(planned):
+    root, dirs, name, encoder = planned
+    argv = ["-d", str(DATASET_ID), "-o", str(root / "out"), "--encoder", str(encoder), "--labelled", "1", "2",
+            "--seeds", "1", *SMALL]
+    assert main(argv) == 0
+    return root, name, encoder, json.loads((root / "out" / "probe.json").read_text(encoding="utf-8"))
+
+
+def test_every_encoder_and_both_baselines_are_probed_on_smit_studys_cases(probe):
+    from nnunet_smit.probe import probe as probe_module
+    from nnunet_smit.study import splits
+    from nnunet_smit.study.study import resolve_dataset
+
+    root, name, encoder, result = probe
+    assert {"dataset", "plans", "configuration", "test_cases", "rows"} <= set(result)
+    assert (result["dataset"], result["plans"], result["configuration"]) == (name, "nnUNetPlans", "3d_fullres")
+    # the study's own functions, so the study's cases
+    assert probe_module.held_out_cases is splits.held_out_cases and probe_module.labelled_sets is splits.labelled_sets
+    case_ids = resolve_dataset(str(DATASET_ID), "3d_fullres", "nnUNetPlans").case_ids
+    test_cases = splits.held_out_cases(case_ids, 0.2)
+    assert result["test_cases"] == test_cases and len(test_cases) == 1
+    pool = [c for c in case_ids if c not in test_cases]
+    study_sets = {(s.labelled, s.seed): list(s.train_cases) for s in splits.labelled_sets(pool, [1, 2], 1)}
+    rows = result["rows"]
+    assert [(r["encoder"], r["labelled"]) for r in rows] == [
+        (str(encoder), 1), (str(encoder), 2), ("random", 1), ("random", 2), ("intensity", 1), ("intensity", 2)]
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        assert row["test_cases"] == test_cases and row["train_cases"] == study_sets[(row["labelled"], row["seed"])]
+        assert set(row["dice_per_class"]) == {"liver", "bone"} and row["seconds"] > 0
+        summary = root / "out" / "predictions" / row["name"] / f"k{row['labelled']}_seed{row['seed']}"
+        assert (summary / "summary.json").is_file() and (summary / f"{test_cases[0]}.nii.gz").is_file()
+    assert (root / "out" / "probe.md").read_text(encoding="utf-8").count("(n=1)") == 6
+    assert (root / "out" / "probe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_labels_planted_in_the_intensities_are_found_and_a_random_encoder_scores_lower(probe):
+    *_, result = probe
+    dice = {(r["name"], r["labelled"]): r["dice"] for r in result["rows"]}
+    # liver (90 HU) and bone (700 HU) against 20 HU tissue with 15 HU noise: thresholds on the voxel nearly suffice
+    assert dice[("intensity", 2)] > 0.9
+    assert dice[("random", 2)] < dice[("intensity", 2)]
+
+
+def test_scores_are_nnunets_compute_metrics_on_folder(probe):
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    root, name, _, result = probe
+    folder = root / "out" / "predictions" / "intensity" / "k2_seed0"
+    ours = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    theirs = compute_metrics_on_folder(str(root / "nnUNet_preprocessed" / name / "gt_segmentations"), str(folder),
+                                       None, SimpleITKIO(), ".nii.gz", [1, 2], None, num_processes=1)
+    assert ours["foreground_mean"]["Dice"] == pytest.approx(theirs["foreground_mean"]["Dice"], abs=1e-12)
+    assert [ours["mean"][k]["Dice"] for k in ("1", "2")] == pytest.approx([theirs["mean"][k]["Dice"] for k in (1, 2)])
+
+
+def test_the_probe_gives_the_encoder_what_smitnet_gives_it(planned):
+    """The fine-tuning network, built by plans_settings from the same plans, feeds its encoder the same tensor."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_smit.probe.features import ENCODER_SCALES, FrozenFeatures, build_frozen_network, probe_plans
+    from nnunet_smit.study.study import resolve_dataset
+    from nnunet_smit.trainers.plans_settings import build_network
+
+    dataset = resolve_dataset(str(DATASET_ID), "3d_fullres", "nnUNetPlans")
+    encoder = SwinEncoder(SMITConfig.preset("tiny"))
+    # as nnU-Net plans a scan with thick coronal slices (this dataset's thick slices are axial already)
+    transposed = {**dataset.plans, "transpose_forward": [1, 0, 2], "transpose_backward": [1, 0, 2]}
+    plans = probe_plans(transposed, "3d_fullres", encoder.config, PretrainPreprocessing())
+    resolved = PlansManager(plans).get_configuration("3d_fullres").configuration
+    assert resolved["smit"]["transpose_forward"] == [1, 0, 2]
+    x = torch.randn(1, 1, *resolved["patch_size"])
+    x[..., :5] = 0  # nnU-Net's padding
+    fine_tuning = build_network(resolved, 1, 3, deep_supervision=False).eval()
+    seen = []
+    fine_tuning.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    features = FrozenFeatures(build_frozen_network(plans, "3d_fullres", 1, encoder), ("input",) + ENCODER_SCALES)
+    with torch.no_grad():
+        fine_tuning(x)
+    assert torch.equal(features(x)[0], seen[0])
+
+
+def test_an_encoder_in_memory_is_probed_without_files_and_left_as_it_was(planned):
+    from nnunet_smit.probe import ProbeRecipe, probe_encoder
+
+    encoder = SwinEncoder(SMITConfig.preset("tiny")).train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    result = probe_encoder(encoder, PretrainPreprocessing(), str(DATASET_ID), labelled=1, seed=0,
+                           recipe=ProbeRecipe(patches_per_case=1, iterations=20))
+    assert 0.0 <= result["dice"] <= 1.0 and set(result["dice_per_class"]) == {"liver", "bone"}
+    assert len(result["train_cases"]) == 1 and len(result["test_cases"]) == 1
+    assert encoder.training and all(p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+@pytest.mark.parametrize("problem", ["k larger than the pool", "encoder that does not load"])
+def test_bad_input_is_one_line_before_any_work(planned, capsys, tmp_path, problem):
+    root, dirs, name, encoder = planned
+    argv = ["-d", str(DATASET_ID), "-o", str(tmp_path / "out"), "--encoder", str(encoder), *SMALL]
+    if problem == "k larger than the pool":
+        err = _one_line_error(capsys, argv + ["--labelled", "9"])
+        assert "--labelled 9 is larger than the 5 cases" in err
+    else:
+        broken = tmp_path / "broken.pt"
+        broken.write_bytes(b"not a checkpoint")
+        err = _one_line_error(capsys, argv + ["--encoder", str(broken)])
+        assert f"--encoder {broken} does not load" in err
+    assert not (tmp_path / "out").exists()
