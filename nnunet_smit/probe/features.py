@@ -51,9 +51,8 @@ def probe_plans(plans: Dict[str, Any], configuration: str, config: SMITConfig, p
     resolved = PlansManager(plans).get_configuration(configuration).configuration
     fit = fit_patch_size(resolved["patch_size"], resolved["batch_size"], fixed_patch_size=patch_size)
     target = plans["configurations"][configuration]
-    target[plans_settings.SMIT_PLANS_KEY] = plans_settings.make_settings(
-        config, preprocessing, fit, plans_settings.intensity_statistics(plans, resolved), None,
-        transpose_forward=plans.get("transpose_forward", (0, 1, 2)))
+    target[plans_settings.SMIT_PLANS_KEY] = plans_settings.settings_for_plans(plans, resolved, config, preprocessing,
+                                                                             fit, None)
     target["patch_size"] = list(fit.patch_size)
     return plans
 

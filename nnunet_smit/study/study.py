@@ -226,11 +226,6 @@ def build_arms(settings: StudySettings) -> Tuple[List[Arm], Dict[str, EncoderChe
     return arms, checkpoints
 
 
-def exported_side_of(checkpoint: EncoderCheckpoint) -> Optional[str]:
-    """Which side of a pretraining run the checkpoint holds ("teacher" or "student"), None for foreign weights."""
-    return checkpoint.exported_side
-
-
 def clipped_windows(dataset: "_Dataset", configuration: str, plans: str, arms: Sequence[Arm],
                     checkpoints: Dict[str, EncoderCheckpoint]) -> Dict[str, List[str]]:
     """{arm name: warnings} for SMIT arms whose plans clip CT inside their encoder's HU window."""
@@ -307,14 +302,16 @@ def _header(settings: StudySettings, dataset: _Dataset, arms: List[Arm], test_ca
 _RESUME_KEYS = ("dataset", "configuration", "plans", "budget", "test_fraction", "test_cases")
 
 
-def _check_resumable(study_json: Path, header: Dict[str, Any]) -> None:
+def _previous_study(study_json: Path, header: Dict[str, Any]) -> Dict[str, Any]:
+    """The folder's earlier ``study.json`` ({} when there is none); SMITError when it is another study's."""
     if not study_json.is_file():
-        return
+        return {}
     previous = read_json(study_json, "the study's study.json", dict, "move it away to start a new study there")
     changed = [key for key in _RESUME_KEYS if previous.get(key) != header[key]]
     if changed:
         raise SMITError(f"{study_json.parent} holds a study with other settings ({', '.join(changed)}); use a new "
                         "-o folder, or the same settings to resume it.")
+    return previous
 
 
 def _format_seconds(seconds: float) -> str:
@@ -418,9 +415,7 @@ def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset
     header = _header(settings, dataset, arms, test_cases, leakage)
     header["clipped_window"] = {name: warnings for name, warnings in clipped.items()}
     study_json = out / "study.json"
-    _check_resumable(study_json, header)
-    previous_rows = (read_json(study_json, "the study's study.json", dict, "move it away").get("rows", [])
-                     if study_json.is_file() else [])
+    previous_rows = _previous_study(study_json, header).get("rows", [])
     (out / "test_cases.json").write_text(json.dumps({"dataset": dataset.name, "test_cases": test_cases}, indent=2),
                                          encoding="utf-8")
     folds = assign_folds(dataset.preprocessed / "splits_final.json", dataset.case_ids,
@@ -513,7 +508,7 @@ def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset
         checkpoint = checkpoints.get(arm.weights or "") if arm.encoder not in BASELINES else None
         row = {"arm": arm.name, "encoder": arm.encoder, "trainer": arm.trainer, "plans": plans_of(arm),
                "encoder_sha256": checkpoint.sha256 if checkpoint is not None else None,
-               "exported_side": exported_side_of(checkpoint) if checkpoint is not None else None,
+               "exported_side": checkpoint.exported_side if checkpoint is not None else None,
                "clipped_window": arm.name in clipped,
                "labelled": subset.labelled, "seed": subset.seed, "fold": fold,
                "train_cases": list(subset.train_cases), "test_cases": test_cases,

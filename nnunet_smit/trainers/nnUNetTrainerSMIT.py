@@ -230,16 +230,16 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             fit = fit_patch_size(
                 resolved["patch_size"], resolved["batch_size"], fixed_patch_size=cls.fixed_patch_size
             )
-            settings = plans_settings.make_settings(
+            settings = plans_settings.settings_for_plans(
+                plans,
+                resolved,
                 encoder_config,
                 preprocessing,
                 fit,
-                plans_settings.intensity_statistics(plans, resolved),
                 weights if cls.require_pretrained_weights else None,
                 decoder_norm=cls.decoder_norm,
                 decoder=cls.decoder,
                 gradient_checkpointing=cls.gradient_checkpointing,
-                transpose_forward=plans.get("transpose_forward", (0, 1, 2)),
             )
             if previous is not None:
                 source = (f"{WEIGHTS_ENV}={weights_path}" if os.environ.get(WEIGHTS_ENV) else

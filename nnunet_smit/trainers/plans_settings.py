@@ -119,6 +119,23 @@ def make_settings(
     }
 
 
+def settings_for_plans(
+    plans: Dict[str, Any],
+    resolved: Dict[str, Any],
+    encoder_config: SMITConfig,
+    preprocessing: PretrainPreprocessing,
+    patch_fit: PatchFit,
+    weights: Optional[Dict[str, str]],
+    **network: Any,
+) -> Dict[str, Any]:
+    """:func:`make_settings` with what the plans decide about the encoder's input: the CT statistics of ``resolved``
+    (the resolved configuration) and the plans' ``transpose_forward``. The trainer and the probe both build their
+    networks through this, so both give the encoder the same input. ``network``: ``make_settings``'s keywords
+    (decoder, decoder_norm, gradient_checkpointing)."""
+    return make_settings(encoder_config, preprocessing, patch_fit, intensity_statistics(plans, resolved), weights,
+                         transpose_forward=plans.get("transpose_forward", (0, 1, 2)), **network)
+
+
 def settings_of(configuration: Dict[str, Any]) -> Dict[str, Any]:
     """The ``smit`` entry of a (resolved) plans configuration; SMITError when it is missing."""
     settings = configuration.get(SMIT_PLANS_KEY)
