@@ -49,10 +49,10 @@ NNUNET_DEFAULT_PLANS = "nnUNetPlans"
 RECORD_KEY = "smit_plan"
 
 
-def smit_plans(plans: Dict[str, Any], encoder: Path, hu_window: Sequence[float], configurations: Sequence[str],
-               source_plans: str, plans_name: str) -> Dict[str, Any]:
+def smit_plans(plans: Dict[str, Any], encoder: Optional[Path], hu_window: Sequence[float],
+               configurations: Sequence[str], source_plans: str, plans_name: str) -> Dict[str, Any]:
     """The plans variant: CT percentiles set to ``hu_window``, its own data identifiers, the fitted patch and batch
-    and the encoder's path in ``configurations``; SMITError when there is nothing to make."""
+    and the encoder's path (when given) in ``configurations``; SMITError when there is nothing to make."""
     variant = copy.deepcopy(plans)
     variant["plans_name"] = plans_name
     properties = variant.get("foreground_intensity_properties_per_channel") or {}
@@ -68,7 +68,9 @@ def smit_plans(plans: Dict[str, Any], encoder: Path, hu_window: Sequence[float],
         ct_channels.update(i for i, s in enumerate(configuration["normalization_schemes"]) if s == CT_NORMALIZATION)
         fit = fit_patch_size(configuration["patch_size"], configuration["batch_size"])
         configuration.update(data_identifier=f"{plans_name}_{name}", patch_size=list(fit.patch_size),
-                             batch_size=int(fit.batch_size), **{WEIGHTS_PLANS_KEY: str(encoder)})
+                             batch_size=int(fit.batch_size))
+        if encoder is not None:
+            configuration[WEIGHTS_PLANS_KEY] = str(encoder)
     if not ct_channels:
         raise SMITError(f"no channel of {', '.join(configurations)} uses {CT_NORMALIZATION}: the SMIT plans change "
                         "only how CT is clipped; train with the default plans.")
@@ -81,22 +83,29 @@ def smit_plans(plans: Dict[str, Any], encoder: Path, hu_window: Sequence[float],
                             "the dataset again.")
         original[str(channel)] = [props["percentile_00_5"], props["percentile_99_5"]]
         props["percentile_00_5"], props["percentile_99_5"] = float(hu_window[0]), float(hu_window[1])
-    variant[RECORD_KEY] = {"source_plans": source_plans, "encoder": str(encoder), "hu_window": list(hu_window),
+    variant[RECORD_KEY] = {"source_plans": source_plans, "encoder": str(encoder) if encoder is not None else None,
+                           "hu_window": list(hu_window),
                            "configurations": list(configurations), "dataset_percentiles": original}
     return variant
 
 
-def write_smit_plans(dataset: str, encoder: Path, source_plans: str = NNUNET_DEFAULT_PLANS,
+def write_smit_plans(dataset: str, encoder: Optional[Path], source_plans: str = NNUNET_DEFAULT_PLANS,
                      configurations: Sequence[str] = ("3d_fullres",), plans_name: Optional[str] = None,
-                     num_processes: int = 4, preprocess: bool = True) -> Path:
+                     num_processes: int = 4, preprocess: bool = True,
+                     hu_window: Optional[Sequence[float]] = None) -> Path:
     """Write ``<source_plans>_SMIT.json`` beside the dataset's plans and preprocess its configurations; returns the
-    plans file. SMITError, before anything is written, for a wrong argument, a dataset that is not planned, plans that
-    cannot be read, an unreadable encoder or nothing to change."""
+    plans file. The window is ``encoder``'s, or ``hu_window`` for an encoder still to be pretrained (its cache's
+    window; the plans then name no weights). SMITError, before anything is written, for a wrong argument, a dataset
+    that is not planned, plans that cannot be read, an unreadable encoder or nothing to change."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id, maybe_convert_to_dataset_name
 
     plans_name = plans_name or f"{source_plans}{SUFFIX}"
     _check_arguments(source_plans, plans_name, configurations, num_processes)
+    if (encoder is None) == (hu_window is None):
+        raise SMITError("give either --encoder FILE (its HU window and weights) or --hu_window LOW HIGH.")
+    if hu_window is not None and not (len(hu_window) == 2 and float(hu_window[0]) < float(hu_window[1])):
+        raise SMITError(f"--hu_window needs LOW < HIGH in HU, got {list(hu_window)}.")
     if not nnUNet_preprocessed.is_set():
         raise SMITError("nnUNet_preprocessed is not set; export nnU-Net's folder variables and plan the dataset "
                         "first (nnUNetv2_plan_and_preprocess).")
@@ -120,13 +129,15 @@ def write_smit_plans(dataset: str, encoder: Path, source_plans: str = NNUNET_DEF
                                                           "choose another name with -o"):
         raise SMITError(f"{target} holds plans smit_plan did not write (nnU-Net's or another tool's); replacing them "
                         "would replace their preprocessed data too: choose another name with -o.")
-    encoder = Path(encoder).expanduser().resolve()
-    checkpoint = load_encoder_checkpoint(encoder)
-    variant = smit_plans(plans, encoder, checkpoint.preprocessing.hu_window, configurations, source_plans, plans_name)
+    if encoder is not None:
+        encoder = Path(encoder).expanduser().resolve()
+        hu_window = load_encoder_checkpoint(encoder).preprocessing.hu_window
+    window = [float(v) for v in hu_window]
+    variant = smit_plans(plans, encoder, window, configurations, source_plans, plans_name)
     atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(variant, indent=4), encoding="utf-8"))
     for channel, (low, high) in variant[RECORD_KEY]["dataset_percentiles"].items():
         logger.info("channel %s: the dataset's clip range [%g, %g] HU becomes the encoder's window %s HU", channel,
-                    low, high, list(checkpoint.preprocessing.hu_window))
+                    low, high, window)
     if preprocess:
         run_in_own_session(_preprocess, convert_dataset_name_to_id(dataset_name), plans_name, list(configurations),
                            num_processes)
@@ -166,6 +177,11 @@ def _preprocess(dataset_id: int, plans_name: str, configurations: List[str], num
 
 def _lead_a_session(function: Callable[..., None], args: tuple) -> None:
     os.setsid()
+    if "fork" in multiprocessing.get_all_start_methods():
+        # A spawned process passes "spawn" on to the pools it starts, and every spawned worker of nnU-Net's (12 list
+        # the raw files) would import this console script, torch and nnU-Net's trainer again: 80 s of a 2-core CPU
+        # for 6 cases instead of 10. Fork, as nnUNetv2_preprocess itself runs on this platform.
+        multiprocessing.set_start_method("fork", force=True)
     # SIGTERM from run_in_own_session ends this process through SystemExit (no traceback), so that the pools of
     # ``function`` are shut down and their semaphores released: no "leaked semaphore" warning at exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -207,8 +223,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerSMIT -p nnUNetPlans_SMIT.",
     )
     parser.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset name or id, already planned")
-    parser.add_argument("--encoder", required=True, metavar="FILE",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--encoder", metavar="FILE",
                         help="encoder checkpoint (or smit_pretrain output folder) whose HU window the plans take")
+    source.add_argument("--hu_window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="the HU window of an encoder still to be pretrained (its smit_pretrain --hu_window, "
+                             "-175 250 by default), e.g. for smit_pretrain --probe; the plans name no weights")
     parser.add_argument("-pl", "--plans", default="nnUNetPlans", help="plans to start from (nnUNetPlans)")
     parser.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
                         help="3D configurations to write and preprocess (3d_fullres)")
@@ -218,8 +238,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     def run() -> None:
-        target = write_smit_plans(args.dataset, Path(args.encoder), args.plans, args.configurations,
-                                  args.plans_name, args.num_processes)
+        target = write_smit_plans(args.dataset, Path(args.encoder) if args.encoder else None, args.plans,
+                                  args.configurations, args.plans_name, args.num_processes,
+                                  hu_window=args.hu_window)
         print(target, flush=True)
 
     return run_cli(run, str(args.dataset), "smit_plan interrupted; rerun the same command to write the plans and "

@@ -7,6 +7,7 @@ foreground's 99.5th percentile; through nnUNetPlans_SMIT it equals the windowed 
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -258,3 +259,25 @@ def test_ctrl_c_while_preprocessing_is_one_line_and_stops_every_worker(fake, tmp
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(_alive, workers))
+
+
+def test_a_window_without_an_encoder_writes_plans_that_name_no_weights(fake):
+    """smit_plan --hu_window: the plans of an encoder still to be pretrained (smit_pretrain --probe scores on them)."""
+    from nnunet_smit.errors import SMITError
+    from nnunet_smit.trainers.plans_settings import WEIGHTS_PLANS_KEY
+    from nnunet_smit.trainers.smit_plans import write_smit_plans
+
+    target = write_smit_plans(str(FAKE_ID), None, hu_window=(-175, 250), preprocess=False)
+    variant = json.loads(target.read_text())
+    assert variant["smit_plan"]["encoder"] is None and variant["smit_plan"]["hu_window"] == [-175.0, 250.0]
+    assert WEIGHTS_PLANS_KEY not in variant["configurations"]["3d_fullres"]
+    properties = variant["foreground_intensity_properties_per_channel"]["0"]
+    assert (properties["percentile_00_5"], properties["percentile_99_5"]) == (-175.0, 250.0)
+    # the same variant from an encoder of that window carries its path
+    again = json.loads(write_smit_plans(str(FAKE_ID), fake["encoder"], preprocess=False).read_text())
+    assert again["configurations"]["3d_fullres"][WEIGHTS_PLANS_KEY] == str(fake["encoder"])
+    for encoder, window, says in [(None, (250, -175), "--hu_window needs LOW < HIGH in HU, got [250, -175]."),
+                                  (None, None, "give either --encoder FILE"),
+                                  (fake["encoder"], (0, 1), "give either --encoder FILE")]:
+        with pytest.raises(SMITError, match=re.escape(says)):
+            write_smit_plans(str(FAKE_ID), encoder, hu_window=window, preprocess=False)
