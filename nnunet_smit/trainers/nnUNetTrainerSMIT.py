@@ -187,6 +187,29 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             "folder (another -tr trainer variant, another -p plans, or another nnUNet_results).")
 
     @classmethod
+    def _settings_from(cls, plans: dict, resolved: Dict[str, Any], checkpoint: Optional[Any],
+                       weights_path: Optional[str]) -> Dict[str, Any]:
+        """The ``smit`` entry this trainer writes for an encoder checkpoint (None: the Scratch preset)."""
+        if checkpoint is not None:
+            encoder_config, preprocessing = checkpoint.config, checkpoint.preprocessing
+            weights = {"path": weights_path, "sha256": checkpoint.sha256, "source": checkpoint.source}
+        else:
+            encoder_config, preprocessing = SMITConfig.preset(cls.scratch_preset), PretrainPreprocessing()
+            weights = None
+        fit = fit_patch_size(resolved["patch_size"], resolved["batch_size"], fixed_patch_size=cls.fixed_patch_size)
+        return plans_settings.settings_for_plans(
+            plans,
+            resolved,
+            encoder_config,
+            preprocessing,
+            fit,
+            weights if cls.require_pretrained_weights else None,
+            decoder_norm=cls.decoder_norm,
+            decoder=cls.decoder,
+            gradient_checkpointing=cls.gradient_checkpointing,
+        )
+
+    @classmethod
     def _write_smit_plans(cls, plans: dict, configuration: str,
                           fold: Optional[Union[int, str]] = None) -> Tuple[List[str], Optional[Any]]:
         """Write the ``smit`` entry, patch and batch size into ``plans['configurations'][configuration]``.
@@ -212,40 +235,34 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
 
         continuing = plans.get("continue_training") and previous is not None and (
             fold is None or cls._has_checkpoint(plans, configuration, fold))
+        source = (f"{WEIGHTS_ENV}={weights_path}" if os.environ.get(WEIGHTS_ENV) else
+                  f"the plans' {WEIGHTS_PLANS_KEY} {weights_path}")
         if continuing:
-            # --c: rebuild exactly the network that the nnU-Net checkpoint holds
+            # --c: rebuild exactly the network that the nnU-Net checkpoint holds. Weights naming another network are
+            # refused (the run would silently go on with the folder's); other weights of the same one, or a file
+            # that is gone, are not needed: the nnU-Net checkpoint holds every weight
+            unread = ""
+            if weights_path is not None:
+                try:
+                    requested = cls._settings_from(plans, resolved, load_encoder_checkpoint(weights_path),
+                                                   weights_path)
+                except SMITError as error:
+                    unread = f"; it cannot be read ({str(error).splitlines()[0]}), which continuing does not need"
+                else:
+                    cls._refuse_another_network(plans, configuration, previous, requested, source)
             settings = previous
             notes.append("SMIT: continuing; network settings taken from the results folder's plans.json"
-                         + (f" ({WEIGHTS_ENV}={weights_path} is not read when continuing)." if weights_path else "."))
+                         + (f" ({WEIGHTS_ENV}={weights_path} is not loaded when continuing{unread})."
+                            if weights_path else "."))
         elif weights_path is not None or previous is None:
             if weights_path is not None:
                 checkpoint = load_encoder_checkpoint(weights_path)
-                encoder_config, preprocessing = checkpoint.config, checkpoint.preprocessing
-                weights = {"path": weights_path, "sha256": checkpoint.sha256, "source": checkpoint.source}
             elif cls.require_pretrained_weights:
                 raise SMITError(MISSING_WEIGHTS_MESSAGE)
-            else:
-                encoder_config, preprocessing = SMITConfig.preset(cls.scratch_preset), PretrainPreprocessing()
-                weights = None
-            fit = fit_patch_size(
-                resolved["patch_size"], resolved["batch_size"], fixed_patch_size=cls.fixed_patch_size
-            )
-            settings = plans_settings.settings_for_plans(
-                plans,
-                resolved,
-                encoder_config,
-                preprocessing,
-                fit,
-                weights if cls.require_pretrained_weights else None,
-                decoder_norm=cls.decoder_norm,
-                decoder=cls.decoder,
-                gradient_checkpointing=cls.gradient_checkpointing,
-            )
+            settings = cls._settings_from(plans, resolved, checkpoint, weights_path)
             if previous is not None:
-                source = (f"{WEIGHTS_ENV}={weights_path}" if os.environ.get(WEIGHTS_ENV) else
-                          f"the plans' {WEIGHTS_PLANS_KEY} {weights_path}")
                 cls._refuse_another_network(plans, configuration, previous, settings, source)
-            if weights is not None and not cls.require_pretrained_weights:
+            if weights_path is not None and not cls.require_pretrained_weights:
                 notes.append(f"SMIT: random init; architecture and conventions taken from {weights_path}.")
         else:
             # --val (or a restart) without weights: the results folder says what was trained

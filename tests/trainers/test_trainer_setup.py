@@ -316,7 +316,7 @@ def test_continuing_keeps_the_results_folders_network_and_says_the_weights_are_n
     notes, checkpoint = nnUNetTrainerSMIT._write_smit_plans({**make_plans(), "continue_training": True}, "3d_fullres")
     assert checkpoint is None
     assert notes[0] == (f"SMIT: continuing; network settings taken from the results folder's plans.json "
-                        f"({WEIGHTS_ENV}={path} is not read when continuing).")
+                        f"({WEIGHTS_ENV}={path} is not loaded when continuing).")
 
 
 def test_continuing_with_weights_of_another_architecture_is_one_line(nnunet_env, tiny_weights, tmp_path,
@@ -396,11 +396,15 @@ def test_other_weights_of_the_same_network_train_another_fold_and_continuing_kee
     monkeypatch.setenv(WEIGHTS_ENV, str(same))
     trainer = make_trainer(nnUNetTrainerSMIT, make_plans())
     assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["smit"]["weights"]["path"] == str(same)
-    # --c of the trained fold 0 with weights of another architecture: the folder's network, the weights unread
-    monkeypatch.setenv(WEIGHTS_ENV, str(_encoder_file(tmp_path / "other.pt", SMITConfig.preset("tiny", embed_dim=24))))
+    # --c of the trained fold 0 with other weights of the same network: the folder's network, the weights unloaded
     notes, checkpoint = nnUNetTrainerSMIT._write_smit_plans({**make_plans(), "continue_training": True},
                                                             "3d_fullres", 0)
-    assert checkpoint is None and "is not read when continuing" in notes[0]
+    assert checkpoint is None and "is not loaded when continuing" in notes[0]
+    # --c of the trained fold 0 with weights of another architecture: refused, as a new fold would be (the run would
+    # otherwise go on quietly with the folder's network, not the one asked for)
+    monkeypatch.setenv(WEIGHTS_ENV, str(_encoder_file(tmp_path / "other.pt", SMITConfig.preset("tiny", embed_dim=24))))
+    with pytest.raises(SMITError, match=r"gives another SMIT network \(embed_dim 12 there, 24 here"):
+        nnUNetTrainerSMIT._write_smit_plans({**make_plans(), "continue_training": True}, "3d_fullres", 0)
 
 
 @pytest.mark.parametrize("fold_0_becomes", ["killed before its first checkpoint", "moved aside by smit_study"])
