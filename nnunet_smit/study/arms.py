@@ -131,8 +131,8 @@ def identity_differences(recorded: Optional[Dict[str, Any]], wanted: Dict[str, A
     for key, value in wanted.items():
         if recorded.get(key) != value:
             was, now = recorded.get(key), value
-            if key == "encoder_sha256":
-                was, now = (str(was)[:12] if was else was), (str(now)[:12] if now else now)
+            if key == "encoder_sha256":  # "<encoder>" or "<encoder>+<decoder blocks>": 12 digits of each
+                was, now = ("+".join(part[:12] for part in str(v).split("+")) if v else v for v in (was, now))
             reasons.append(f"{names.get(key, key)} changed ({was} then, {now} now)")
     return reasons
 

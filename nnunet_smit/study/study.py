@@ -344,12 +344,17 @@ def _datasets(settings: StudySettings, arms: Sequence[Arm]) -> Dict[str, _Datase
 
 
 def _arm_inputs(arm: Arm, checkpoints: Dict[str, EncoderCheckpoint]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
-    """(sha256 of the weights an arm starts from, architecture a scratch arm builds) for its identity record."""
+    """(sha256 of the weights an arm starts from, architecture a scratch arm builds) for its identity record.
+
+    The weights are the encoder's and, for a checkpoint that carries SMITNet decoder blocks, theirs too
+    (``<encoder sha256>+<decoder parts sha256>``): the trainer loads both, so either changing retrains the arm."""
     checkpoint = checkpoints.get(arm.weights or "")
     if checkpoint is None:
         return None, None
     if arm.encoder == "scratch":
         return None, checkpoint.config.to_dict()
+    if checkpoint.decoder_parts is not None:
+        return f"{checkpoint.sha256}+{checkpoint.decoder_parts.sha256}", None
     return checkpoint.sha256, None
 
 
@@ -464,7 +469,13 @@ def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset
     added: List[Tuple[str, int, int]] = []
 
     def write_outputs() -> None:
-        all_rows = kept_rows + rows
+        # Rows of this command line's arms that earlier runs finished and this run has not reached yet stay in the
+        # report while it runs, so that a run stopped part way (Ctrl-C, SIGTERM, a failure) leaves every finished arm
+        # in it; a fold moved aside as stale is no longer finished and drops out.
+        reached = {(r["arm"], r["labelled"], r["seed"]) for r in rows}
+        waiting = [r for r in previous_rows if (r["arm"], r["labelled"], r["seed"]) in current - reached
+                   and finished(Path(r["results_folder"]))]
+        all_rows = kept_rows + waiting + rows
         report.write_study_json(study_json, header, all_rows)
         report.write_study_md(out / "study.md", header, all_rows, arm_names, labelled, added=added)
         report.plot_study(out / "study.png", all_rows, arm_names,

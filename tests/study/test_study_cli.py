@@ -355,3 +355,37 @@ def test_an_encoder_re_pretrained_with_another_architecture_retrains_every_fold_
         plans = json.loads((folder.parent / "plans.json").read_text(encoding="utf-8"))
         assert plans["configurations"]["3d_fullres"]["smit"]["encoder_config"]["embed_dim"] == 24
         assert rows[("leaky", k, 0)]["encoder_sha256"] == load_encoder_checkpoint(leaky).sha256
+
+
+def test_sigterm_during_an_arm_ends_like_ctrl_c_and_frees_the_folder(study, capsys, monkeypatch, tmp_path):
+    """A scheduler's stop (SIGTERM) mid-arm: the interrupted line and exit 130, no traceback, the lock released and
+    every row of study.json kept."""
+    import signal
+
+    from nnunet_smit.files import FolderLock
+    from nnunet_smit.study import study as study_module
+
+    root, dirs, name, argv, _ = study
+    before = _rows(root)
+    stopped = []
+
+    def stopped_mid_arm(*args, **kwargs):
+        stopped.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the arm")
+
+    monkeypatch.setattr(study_module, "train_arm", stopped_mid_arm)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        capsys.readouterr()
+        # a new seed: an arm that has not been trained yet, so the study reaches train_arm
+        assert main(_argv_with(argv, {"--labelled": ["1"], "--baselines": ["scratch"], "--seeds": ["2"]})) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped and err[-1] == "interrupted; rerun the same command to resume (finished arms are kept)."
+    assert not any("Traceback" in line for line in err)
+    with FolderLock(root / "out" / ".smit_study.lock", "the study folder"):  # released
+        pass
+    after = _rows(root)  # every finished arm's row kept, none added
+    assert after.keys() == before.keys() and all(after[key]["dice"] == row["dice"] for key, row in before.items())
