@@ -138,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_every_steps", type=int, help=f"log interval in steps ({_d('log_every_steps')})")
     parser.add_argument("--preview_every_epochs", type=int, help=f"reconstruction preview interval in epochs ({_d('preview_every_epochs')})")
     parser.add_argument("--export", choices=EXPORTS, help=f"which encoder to export, whatever the objectives ({_d('export')})")
+    parser.add_argument("--probe", metavar="DATASET",
+                        help="online probe: every few epochs (and at the end), a linear probe of the exported side's "
+                             "frozen encoder on this planned and preprocessed nnU-Net dataset, scored with nnU-Net's "
+                             "Dice on smit_study's held-out cases; logged as probe records, drawn in loss_curves.png "
+                             "and kept in run_summary.json and the export")
+    parser.add_argument("--probe_every", type=int, metavar="EPOCHS",
+                        help="probe at the end of every EPOCHS epochs (default: after the first epoch, then as often "
+                             "as keeps the probes within 5%% of the run's time)")
+    parser.add_argument("--probe_plans",
+                        help="plans of the probe dataset (nnUNetPlans; smit_plan's variant keeps the whole HU window)")
+    parser.add_argument("--probe_labelled", type=int, metavar="K",
+                        help="labelled cases the probe trains on (1; smit_study's draw of seed 0)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write the scalars of log.jsonl as TensorBoard event files into OUT/tensorboard "
                              "(needs the tensorboard package)")
@@ -183,12 +195,34 @@ def preprocessing_from_args(args: argparse.Namespace) -> PretrainPreprocessing:
     return PretrainPreprocessing(**preprocessing_kwargs)
 
 
+def online_probe(args: argparse.Namespace) -> Optional[Any]:
+    """The online probe of ``--probe`` on rank 0 (None without it, and on the other ranks); SMITError for a dataset
+    that is not planned and preprocessed or too small, before any cache is built.
+
+    The CLI is where pretraining meets the probe: the loop gets a callable and never imports the probe package."""
+    if args.probe_every is not None and args.probe_every < 1:
+        raise SMITError(f"--probe_every must be at least 1 epoch, got {args.probe_every}.")
+    if args.probe is None:
+        given = [f"--{name}" for name in ("probe_every", "probe_plans", "probe_labelled")
+                 if getattr(args, name) is not None]
+        if given:
+            raise SMITError(f"{given[0]} needs --probe DATASET (the labelled dataset the probe is scored on).")
+        return None
+    if launch_rank() != 0:
+        return None
+    from nnunet_smit.probe.online import OnlineProbe
+
+    return OnlineProbe(args.probe, labelled=1 if args.probe_labelled is None else args.probe_labelled,
+                       plans=args.probe_plans or "nnUNetPlans")
+
+
 def run(args: argparse.Namespace) -> Path:
     """Everything ``smit_pretrain`` does after parsing; returns the exported checkpoint (or cache folder)."""
     from nnunet_smit.pretraining.engine import input_folders, run_pretraining
 
     output = Path(args.output)
     config = config_from_args(args)
+    probe = online_probe(args)
     return run_pretraining(
         input_folders([Path(d) for d in args.data], output, demo=args.demo), output, config,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -196,6 +230,8 @@ def run(args: argparse.Namespace) -> Path:
         cache_workers=args.cache_workers,
         cache_only=args.cache_only,
         verify_cache=args.verify_cache,
+        probe=probe,
+        probe_every_epochs=args.probe_every,
     )
 
 

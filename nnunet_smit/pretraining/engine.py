@@ -23,6 +23,7 @@ from nnunet_smit.pretraining.cache import CacheIndex, build_cache
 from nnunet_smit.pretraining.config import DEMO_CASES, PretrainConfig
 from nnunet_smit.pretraining.distributed import init_distributed, launch_rank, leave_process_group, share_outcome
 from nnunet_smit.pretraining.phantoms import DEMO_PHANTOM, generate_phantom_corpus
+from nnunet_smit.pretraining.probing import EncoderProbe
 from nnunet_smit.pretraining.run_log import check_tensorboard_available
 from nnunet_smit.pretraining.state import CHECKPOINT_NAME, json_plain, load_init_encoder
 from nnunet_smit.pretraining.trainer import PretrainTrainer
@@ -63,6 +64,8 @@ def run_pretraining(
     cache_workers: Optional[int] = None,
     cache_only: bool = False,
     verify_cache: bool = False,
+    probe: Optional[EncoderProbe] = None,
+    probe_every_epochs: Optional[int] = None,
 ) -> Path:
     """Build or open the cache, pretrain, export; what ``smit_pretrain`` runs on every process.
 
@@ -75,6 +78,7 @@ def run_pretraining(
         cache_workers: processes building the cache (default: CPU count, at most 8).
         cache_only: build the cache and return its folder without training.
         verify_cache: compare every cached file's checksum with its record (sizes are always compared).
+        probe, probe_every_epochs: the online probe and its interval (:mod:`~nnunet_smit.pretraining.probing`).
 
     Returns:
         the exported encoder checkpoint's path (or the cache folder with ``cache_only``).
@@ -96,7 +100,8 @@ def run_pretraining(
         if cache_only:
             return cache_dir
         data_summary = {"cache_dir": str(cache_dir), **json_plain(cache.summary())}
-        trainer = PretrainTrainer(config, cache, output_dir, info, data_summary=data_summary, manifest=cache.manifest)
+        trainer = PretrainTrainer(config, cache, output_dir, info, data_summary=data_summary, manifest=cache.manifest,
+                                  probe=probe, probe_every_epochs=probe_every_epochs)
         return trainer.fit()
     finally:
         if run_lock is not None:

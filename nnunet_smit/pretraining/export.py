@@ -86,13 +86,30 @@ def reconstruction_against_baselines(
     }
 
 
+def online_probe_summary(probes: Sequence[Dict[str, Any]],
+                         schedule: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The last online probe (its Dice, per class, step) with the first one's Dice beside it and what the probes
+    cost; None when the run had no probe."""
+    if not probes and schedule is None:
+        return None
+    scored = [r for r in probes if r.get("probe_dice") is not None]
+    last = probes[-1] if probes else {}
+    return {
+        "dice": last.get("probe_dice"), "dice_per_class": last.get("probe_dice_per_class"), "step": last.get("step"),
+        "first_dice": scored[0]["probe_dice"] if scored else None, "first_step": scored[0]["step"] if scored else None,
+        "probes_logged": len(probes), **(schedule or {}),
+    }
+
+
 def run_summary(
     config: PretrainConfig, model: SMITPretrainModel, which: str, progress: Progress, info: DistInfo,
     run_log: RunLog, data_summary: Dict[str, Any], fingerprinted_scans: int, checksums_per_rank: List[Any],
+    probe_schedule: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """What the export's metadata and ``run_summary.json`` say of the run."""
     records = run_log.records()
     train = [r for r in records if r.get("event") == "train"]
+    probes = [r for r in records if r.get("event") == "probe"]
     init = next((r["init_encoder"] for r in records if r.get("event") == "start" and "init_encoder" in r), None)
     return json_plain({
         "kind": "smit_pretraining",
@@ -105,6 +122,7 @@ def run_summary(
         "global_batch": config.batch_size * info.world_size,
         "last_log": train[-1] if train else None,
         "recon_vs_best_baseline": reconstruction_against_baselines(train),
+        "online_probe": online_probe_summary(probes, probe_schedule),
         "objectives": model.weights.enabled(),
         "pretrain_config": config.to_dict(),
         "init_encoder": init,
@@ -117,20 +135,21 @@ def run_summary(
 def export_encoder(
     model: SMITPretrainModel, config: PretrainConfig, preprocessing: PretrainPreprocessing, progress: Progress,
     info: DistInfo, run_log: RunLog, data_summary: Dict[str, Any], scan_fingerprints: Dict[str, str],
-    kept_state: str,
+    kept_state: str, probe_schedule: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write the encoder checkpoint and ``run_summary.json`` (rank 0); returns the checkpoint's path on every
     process (every process must call this: the weights' checksums are gathered from all).
 
     Args:
         kept_state: what is kept if the write fails (names the last saved training state), for the error's line.
+        probe_schedule: the online probe's count and cost since the run (or its resume) started, if it had one.
     """
     which, side = exported_side(model, config.export)
     path = run_log.output_dir / f"smit_encoder_{which}.pt"
     checksums_per_rank = gather_objects(info, weights_checksums(model))
     if info.is_main:
         summary = run_summary(config, model, which, progress, info, run_log, data_summary, len(scan_fingerprints),
-                              checksums_per_rank)
+                              checksums_per_rank, probe_schedule)
         state_dict = {k: v.detach().cpu() for k, v in side.encoder.state_dict().items()}
         try:
             save_encoder_checkpoint(

@@ -21,7 +21,7 @@ OBJECTIVE_PANELS = {
     "dino": ("dino", ("teacher_entropy",)),
     "ibot": ("ibot", ("teacher_patch_entropy",)),
 }
-PANELS = ("loss", *OBJECTIVE_PANELS, "lr", "teacher_entropy", "teacher_spread")
+PANELS = ("loss", *OBJECTIVE_PANELS, "lr", "teacher_entropy", "teacher_spread", "probe")
 
 
 def _pyplot():
@@ -67,14 +67,13 @@ def loss_figure(records: List[Dict]) -> Tuple[Any, Dict[str, Any]]:
 
     Each objective has its own panel, its loss solid and its references dashed (``OBJECTIVE_PANELS``; log K where
     the log's start or resume record gives K). Then the learning rate, the teacher's entropies and the teacher's
-    per-prototype spread with the KoLeo term.
+    per-prototype spread with the KoLeo term, and the online probe's Dice where the run has one.
     """
     plt = _pyplot()
     train = [r for r in records if r.get("event") == "train"]
     prototypes = prototypes_of(records)
     fig, grid = plt.subplots(2, 4, figsize=(20, 8))
     panels = dict(zip(PANELS, grid.flat))
-    grid.flat[-1].axis("off")
     steps = [r["step"] for r in train]
     for ax in panels.values():
         ax.set_xlabel("step")
@@ -114,8 +113,26 @@ def loss_figure(records: List[Dict]) -> Tuple[Any, Dict[str, Any]]:
     if panels["teacher_entropy"].lines:
         panels["teacher_entropy"].legend()
     _draw_spread(panels["teacher_spread"], steps, train)
+    _draw_probe(panels["probe"], [r for r in records if r.get("event") == "probe"])
     fig.tight_layout()
     return fig, panels
+
+
+def _draw_probe(ax: Any, probes: List[Dict]) -> None:
+    """The online probe's held-out Dice over steps (foreground mean solid, each class dashed)."""
+    ax.set_ylabel("online probe Dice (held out)")
+    scored = [r for r in probes if r.get("probe_dice") is not None]
+    if not scored:
+        ax.set_title("online probe: off" if not probes else "online probe: no score yet")
+        return
+    steps = [r["step"] for r in scored]
+    ax.plot(steps, [r["probe_dice"] for r in scored], marker="o", label="mean of classes")
+    names = dict.fromkeys(name for r in scored for name in (r.get("probe_dice_per_class") or {}))
+    for name in names:
+        values = [(r.get("probe_dice_per_class") or {}).get(name) for r in scored]
+        ax.plot(steps, [np.nan if v is None else v for v in values], linestyle="--", marker=".", label=name)
+    ax.set_ylim(0, 1)
+    ax.legend()
 
 
 def _draw_spread(ax: Any, steps: List[int], train: List[Dict]) -> None:

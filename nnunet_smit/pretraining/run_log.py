@@ -103,7 +103,8 @@ class RunLog:
     Args:
         output_dir: the run folder.
         writes: whether this process writes (rank 0 of the job).
-        tensorboard: also write every ``train`` record's numbers as TensorBoard scalars into ``output_dir/tensorboard``.
+        tensorboard: also write every ``train`` and ``probe`` record's numbers as TensorBoard scalars into
+            ``output_dir/tensorboard``.
     """
 
     def __init__(self, output_dir: Path, writes: bool = True, tensorboard: bool = False) -> None:
@@ -128,7 +129,7 @@ class RunLog:
                 if handle.tell() and self._last_byte() != b"\n":
                     handle.write("\n")
             handle.write(json.dumps(record) + "\n")
-        if self._tensorboard and record.get("event") == "train":
+        if self._tensorboard and record.get("event") in ("train", "probe"):
             self._write_scalars(record)
 
     def _last_byte(self) -> bytes:
@@ -142,9 +143,13 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
-        for key, value in record.items():
+        event = record["event"]  # train/<key>, and probe/probe_dice with probe/probe_dice_<class> per class
+        scalars = dict(record)
+        scalars.update({f"probe_dice_{name}": value
+                        for name, value in (record.get("probe_dice_per_class") or {}).items()})
+        for key, value in scalars.items():
             if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(f"train/{key}", value, global_step=record["step"], walltime=record["time"])
+                self._writer.add_scalar(f"{event}/{key}", value, global_step=record["step"], walltime=record["time"])
         self._writer.flush()  # watched live: each record is on disk when the log line is
 
     def records(self) -> List[Dict[str, Any]]:

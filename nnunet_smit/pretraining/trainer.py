@@ -29,9 +29,10 @@ from nnunet_smit.files import atomic_write
 from nnunet_smit.pretraining.cache import manifest_fingerprints
 from nnunet_smit.pretraining.config import PretrainConfig, schedule_warnings
 from nnunet_smit.pretraining.distributed import DistInfo, StepAgreement, StopSignals, gather_objects, select_device
-from nnunet_smit.pretraining.export import Progress, export_encoder
+from nnunet_smit.pretraining.export import Progress, export_encoder, exported_side
 from nnunet_smit.pretraining.loader import loader_failure, make_loader
 from nnunet_smit.pretraining.model import HeadConfig, SMITPretrainModel
+from nnunet_smit.pretraining.probing import EncoderProbe, ProbeSchedule, run_probe
 from nnunet_smit.pretraining.run_log import RunLog, StepWindow
 from nnunet_smit.pretraining.sampler import TwoViewDataset, ViewSampling, VolumeSource
 from nnunet_smit.pretraining.schedules import PretrainSchedules
@@ -63,6 +64,9 @@ class PretrainTrainer:
             (``pretraining_scans``): the manifest's cases, those of the manifests the run had before a resume (scans
             removed since were still trained on), and those recorded by the ``init_encoder`` a new run starts from.
         runner: how the step's device part runs (eager, compiled, data parallel).
+        probe: the online probe (:mod:`~nnunet_smit.pretraining.probing`), called on rank 0 with the exported
+            side's encoder at the epoch ends its schedule picks and at the last step; None: no probe.
+        probe_every_epochs: probe every that many epochs (None: within 5% of the run's time).
     """
 
     def __init__(
@@ -73,8 +77,12 @@ class PretrainTrainer:
         dist_info: Optional[DistInfo] = None,
         data_summary: Optional[Dict[str, Any]] = None,
         manifest: Optional[Dict[str, Any]] = None,
+        probe: Optional[EncoderProbe] = None,
+        probe_every_epochs: Optional[int] = None,
     ) -> None:
         self.config = config
+        self.probe = probe
+        self.probe_schedule = ProbeSchedule(probe_every_epochs)
         self.source = source
         self.output_dir = Path(output_dir)
         self.dist = dist_info or DistInfo(device=select_device(config.device))
@@ -453,7 +461,7 @@ class PretrainTrainer:
         self.run_log.write({"event": "resume" if resumed else "start", "step": self.step,
                             "total_steps": self.total_steps, "stop_step": self.stop_step,
                             "world_size": self.dist.world_size, "prototypes": self._prototypes(), **start,
-                            **self._resume_notes})
+                            **self._resume_notes, **self._probe_notes()})
         try:
             if self.step >= self.stop_step:
                 logger.info("step %d reached already; exporting.", self.step)
@@ -479,6 +487,31 @@ class PretrainTrainer:
                     raise
         finally:
             torch.use_deterministic_algorithms(deterministic_before)
+
+    def _probe_notes(self) -> Dict[str, Any]:
+        """What the start record says of the online probe, with the leakage guard's lines (also logged): a probe
+        case that is one of the run's pretraining scans is named."""
+        if self.probe is None or not self.dist.is_main:
+            return {}
+        describe = getattr(self.probe, "describe", None)
+        notes: Dict[str, Any] = {"probe": describe() if describe else {}}
+        notes["probe"]["every_epochs"] = self.probe_schedule.every_epochs
+        leakage = getattr(self.probe, "leakage", None)
+        lines = leakage(self.scan_fingerprints) if leakage else []
+        for line in lines:
+            logger.warning("%s", line)
+        notes["probe_leakage"] = lines
+        return notes
+
+    def _maybe_probe(self, epoch: int, last: bool) -> None:
+        """Run the online probe on rank 0 when its schedule says so, and log its record (the other processes go on
+        to the next step and wait for rank 0 there)."""
+        if self.probe is None or not self.dist.is_main or not self.probe_schedule.due(epoch, last):
+            return
+        _, side = exported_side(self.model, self.config.export)
+        record = run_probe(self.probe, side.encoder, self.preprocessing, self.step, epoch)
+        self.probe_schedule.spent(record["probe_seconds"])
+        self.run_log.write(record)
 
     def _prototypes(self) -> Dict[str, int]:
         """{head: K} of the distillation heads that are on (what the loss curves draw log K from)."""
@@ -542,6 +575,7 @@ class PretrainTrainer:
             self.check_diverged(record)
             window.reset()
         if epoch_end or last:
+            self._maybe_probe(epoch, last)
             through = config.reconstruct_through
             self.run_log.epoch_figures(epoch, out.preview,
                                        note="" if through == "bottleneck" else f"reconstruction through the {through}")
@@ -575,6 +609,7 @@ class PretrainTrainer:
         path = export_encoder(
             self.model, self.config, self.preprocessing, Progress(self.step, self.steps_per_epoch, self.total_steps),
             self.dist, self.run_log, self.data_summary, self.scan_fingerprints, kept_state=saved,
+            probe_schedule=self.probe_schedule.summary() if self.probe is not None else None,
         )
         if self.dist.distributed:
             torch.distributed.barrier()

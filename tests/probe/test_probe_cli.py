@@ -173,3 +173,67 @@ def test_bad_input_is_one_line_before_any_work(planned, capsys, tmp_path, proble
         err = _one_line_error(capsys, argv + ["--encoder", str(broken)])
         assert f"--encoder {broken} does not load" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_online_probe_writes_its_records_plot_summary_and_names_the_probe_cases_seen_in_pretraining(
+        planned, tmp_path, caplog):
+    """smit_pretrain --probe on the dataset's own raw images: every probe case is a pretraining scan, so the leakage
+    guard names them; each epoch end leaves a probe record (teacher probed), and the last Dice reaches
+    run_summary.json, the export's metadata and the loss curves' probe panel."""
+    import logging
+
+    from nnunet_smit.checkpoint import load_encoder_checkpoint
+    from nnunet_smit.pretraining import plots
+    from nnunet_smit.pretraining.cli import main as pretrain
+
+    root, dirs, name, _ = planned
+    out = tmp_path / "run"
+    argv = ["-d", str(dirs["nnUNet_raw"] / name / "imagesTr"), "-o", str(out), "--preset", "tiny",
+            "--view_size", "64", "--region_size", "64", "--batch_size", "1", "--samples_per_epoch", "2",
+            "--epochs", "2", "--warmup_epochs", "0", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
+            "--head_out_dim", "64", "--num_workers", "0", "--device", "cpu", "--no_progress",
+            "--preview_every_epochs", "0", "--spacing", "1", "1", "1",
+            "--probe", str(DATASET_ID), "--probe_every", "1"]
+    with caplog.at_level(logging.WARNING):
+        assert pretrain(argv) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    start = next(r for r in records if r["event"] == "start")
+    assert start["probe"]["dataset"] == name and start["probe"]["every_epochs"] == 1
+    cases = start["probe"]["train_cases"] + start["probe"]["test_cases"]
+    assert len(start["probe_leakage"]) == len(cases) == 2
+    for case in cases:
+        role = "labelled" if case in start["probe"]["train_cases"] else "held-out"
+        (line,) = [line for line in start["probe_leakage"] if f" {case} " in line]
+        assert line.startswith(f"probe leakage: {role} case {case} of {name} is also a pretraining scan")
+        assert line in caplog.text
+    probes = [r for r in records if r["event"] == "probe"]
+    assert [(r["step"], r["epoch"]) for r in probes] == [(2, 1), (4, 2)]
+    for record in probes:
+        assert 0.0 <= record["probe_dice"] <= 1.0 and set(record["probe_dice_per_class"]) == {"liver", "bone"}
+        assert record["probe_seconds"] > 0
+    summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))["online_probe"]
+    assert summary["dice"] == probes[-1]["probe_dice"] and summary["step"] == 4
+    assert summary["first_dice"] == probes[0]["probe_dice"] and summary["probes"] == 2
+    assert 0 < summary["share_of_run"] < 1
+    exported = load_encoder_checkpoint(out / "smit_encoder_teacher.pt")
+    assert exported.summary["online_probe"]["dice"] == summary["dice"]
+    _, panels = plots.loss_figure(records)
+    line = panels["probe"].lines[0]
+    assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == [r["probe_dice"] for r in probes]
+    assert (out / "plots" / "loss_curves.png").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--probe", "999"], "--probe 999: dataset '999' is not known to nnU-Net"),
+    (["--probe", str(DATASET_ID), "--probe_labelled", "9"], "--probe_labelled 9 is larger than the 5 cases"),
+    (["--probe_every", "2"], "--probe_every needs --probe DATASET"),
+])
+def test_a_bad_online_probe_is_one_line_before_the_cache_is_built(planned, capsys, tmp_path, argv, message):
+    from nnunet_smit.pretraining.cli import main as pretrain
+
+    root, dirs, name, _ = planned
+    assert pretrain(["-d", str(dirs["nnUNet_raw"] / name / "imagesTr"), "-o", str(tmp_path / "run"), "--preset",
+                     "tiny", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "run").exists()
