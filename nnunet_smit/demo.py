@@ -1,11 +1,14 @@
 """``smit_demo -o OUT``: the whole chain on generated CT-like phantoms, with the public commands a user types.
 
-1. ``smit_pretrain --demo``: phantoms without labels, the tiny preset pretrained on them, an encoder exported.
-2. A labelled nnU-Net raw dataset of other phantoms (liver, spleen, kidneys), planned and preprocessed with
-   ``nnUNetv2_plan_and_preprocess``.
+1. A labelled nnU-Net raw dataset of phantoms (liver, spleen, kidneys), planned and preprocessed with
+   ``nnUNetv2_plan_and_preprocess``, and with ``smit_plan --hu_window`` (the pretraining's HU window, unclipped).
+2. ``smit_pretrain --demo --probe``: other phantoms without labels, the tiny preset pretrained on them, an encoder
+   exported; the online probe scores the teacher on the labelled dataset during the run.
 3. ``smit_study``: the pretrained encoder against the same network from random init and nnU-Net's default trainer,
    on nested sets of labelled cases, scored on held-out cases.
-4. ``nnUNetv2_predict`` with the pretrained arm on the held-out cases, Dice against their labels, and an overlay.
+4. ``smit_probe``: linear probes of the frozen pretrained encoder, a random one and the input intensity, on the
+   study's cases.
+5. ``nnUNetv2_predict`` with the best arm on the held-out cases, Dice against their labels, and an overlay.
 
 Everything lands under OUT; each step prints what it does and its command. Rerunning resumes: finished steps are
 skipped (pretraining and the study resume themselves). With a CUDA GPU the demo trains longer (``GPU_SETTINGS``).
@@ -26,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError, run_cli
 
 DATASET_ID = 990
@@ -34,6 +38,8 @@ DATASET_NAME = f"Dataset{DATASET_ID}_SMITDemo"
 LABELLED_SEED = 1000
 # smit_plan's plans: the dataset preprocessed with the encoder's HU window (the SMIT arms train on them).
 SMIT_PLANS = "nnUNetPlans_SMIT"
+# The online probe during pretraining trains on this many labelled cases (smit_study's draw of seed 0).
+ONLINE_PROBE_LABELLED = 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class DemoSettings:
         disable_tta: score without mirroring (8x faster validation on a CPU).
         trainer: the SMIT trainer of the study (its Scratch twin trains the scratch arm).
         baselines: the study's baselines ("scratch", and "nnunet", nnU-Net's default trainer on its default plans).
+        probe_seeds: draws of the labelled cases per number in smit_probe (cheaper than an arm: more seeds).
     """
 
     labelled_cases: int
@@ -60,6 +67,7 @@ class DemoSettings:
     disable_tta: bool = True
     trainer: str = "nnUNetTrainerSMIT"
     baselines: Sequence[str] = ("scratch", "nnunet")
+    probe_seeds: int = 3
 
 
 # About 15 minutes on a 2-core CPU (docs/study.md has the measured times).
@@ -143,11 +151,12 @@ def report_table(markdown: Path) -> str:
     return "\n".join(lines[start:end])
 
 
-def compare_arms(rows: Sequence[Dict], arm: str, baseline: str) -> str:
+def compare_arms(rows: Sequence[Dict], arm: str, baseline: str, key: str = "arm") -> str:
     """In words, per k: whether ``arm`` and ``baseline`` differ by more than their seed spread (mean +- sd over
-    seeds of the held-out Dice), and in which direction."""
+    seeds of the held-out Dice), and in which direction. ``key``: the rows' name field ("arm" in smit_study's rows,
+    "name" in smit_probe's)."""
     def stats(name: str, k: int):
-        values = [r["dice"] for r in rows if r["arm"] == name and r["labelled"] == k and r.get("dice") is not None]
+        values = [r["dice"] for r in rows if r[key] == name and r["labelled"] == k and r.get("dice") is not None]
         return (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) if values else None
 
     parts = []
@@ -219,15 +228,7 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
         env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0")  # two cores: no worker processes
     start = time.time()
 
-    _say(f"step 1/4: pretrain the tiny SMIT encoder on unlabelled phantoms (device {device})")
-    encoder = Path(_run(["smit_pretrain", "--demo", "-o", str(output / "pretrain"), "--device", device,
-                         "--no_progress", *settings.pretrain_args], env, logs / "pretrain.log"))
-    if not encoder.is_file():
-        raise SMITError(f"smit_pretrain did not name its exported encoder (last line {str(encoder)!r}); see "
-                        f"{logs / 'pretrain.log'}.")
-    _say(f"  encoder: {encoder}")
-
-    _say(f"step 2/4: write {settings.labelled_cases} labelled phantoms as {DATASET_NAME}, plan and preprocess")
+    _say(f"step 1/5: write {settings.labelled_cases} labelled phantoms as {DATASET_NAME}, plan and preprocess")
     raw = write_labelled_dataset(output / "nnUNet_raw", settings.labelled_cases)
     plans = output / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans.json"
     if not plans.is_file() or not (plans.parent / "nnUNetPlans_3d_fullres").is_dir():
@@ -236,16 +237,28 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
              {**env, "nnUNet_n_proc_DA": "1"}, logs / "plan_and_preprocess.log")
     else:
         _say("  planned and preprocessed earlier, skipped")
-
     smit_plans = output / "nnUNet_preprocessed" / DATASET_NAME / f"{SMIT_PLANS}.json"
     if not smit_plans.is_file() or not (smit_plans.parent / f"{SMIT_PLANS}_3d_fullres").is_dir():
-        # the encoder's whole HU window reaches it: nnU-Net's default plans clip to the organs' percentiles
-        _run(["smit_plan", "-d", str(DATASET_ID), "--encoder", str(encoder), "-np", "1"],
+        # the pretraining's whole HU window reaches the encoder: nnU-Net's default plans clip to the organs'
+        # percentiles; written before pretraining, so that the online probe scores on them too
+        window = [f"{v:g}" for v in PretrainPreprocessing().hu_window]
+        _run(["smit_plan", "-d", str(DATASET_ID), "--hu_window", *window, "-np", "1"],
              {**env, "nnUNet_n_proc_DA": "1"}, logs / "smit_plan.log")
     else:
         _say(f"  {SMIT_PLANS} written earlier, skipped")
 
-    _say("step 3/4: smit_study: pretrained vs scratch" + (" vs nnU-Net default" if "nnunet" in settings.baselines
+    _say(f"step 2/5: pretrain the tiny SMIT encoder on unlabelled phantoms (device {device}), probed online on "
+         f"{DATASET_NAME}")
+    encoder = Path(_run(["smit_pretrain", "--demo", "-o", str(output / "pretrain"), "--device", device,
+                         "--no_progress", "--probe", str(DATASET_ID), "--probe_plans", SMIT_PLANS,
+                         "--probe_labelled", str(ONLINE_PROBE_LABELLED),
+                         *settings.pretrain_args], env, logs / "pretrain.log"))
+    if not encoder.is_file():
+        raise SMITError(f"smit_pretrain did not name its exported encoder (last line {str(encoder)!r}); see "
+                        f"{logs / 'pretrain.log'}.")
+    _say(f"  encoder: {encoder}")
+
+    _say("step 3/5: smit_study: pretrained vs scratch" + (" vs nnU-Net default" if "nnunet" in settings.baselines
                                                           else "") + " on the same labelled cases")
     study_dir = output / "study"
     command = ["smit_study", "-d", str(DATASET_ID), "-o", str(study_dir), "--encoder", str(encoder),
@@ -256,8 +269,16 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
     _run(command, env, logs / "study.log")
     study = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))
 
+    _say("step 4/5: smit_probe: linear probes of the frozen pretrained encoder, a random one and the input "
+         "intensity, on the same cases")
+    probe_dir = output / "probe"
+    _run(["smit_probe", "-d", str(DATASET_ID), "-o", str(probe_dir), "--encoder", str(encoder), "-p", SMIT_PLANS,
+          "--labelled", *map(str, settings.labelled), "--seeds", str(settings.probe_seeds), "-device", device],
+         env, logs / "probe.log")
+    probe = json.loads((probe_dir / "probe.json").read_text(encoding="utf-8"))
+
     row = best_row(study["rows"])
-    _say(f"step 4/4: nnUNetv2_predict the held-out cases with the best arm ({row['arm']}, k={row['labelled']}, "
+    _say(f"step 5/5: nnUNetv2_predict the held-out cases with the best arm ({row['arm']}, k={row['labelled']}, "
          f"seed {row['seed']}: held-out Dice {row['dice']:.3f})")
     held_out = output / "held_out_images"
     shutil.rmtree(held_out, ignore_errors=True)
@@ -295,14 +316,25 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
     organ_names = [n for n, v in ORGAN_LABELS.items() if v]
     pretrained = study["arms"][0]["name"]
     run_summary = pretrain_dir / "run_summary.json"
-    recon = (json.loads(run_summary.read_text(encoding="utf-8")).get("recon_vs_best_baseline")
-             if run_summary.is_file() else None)
+    pretraining = json.loads(run_summary.read_text(encoding="utf-8")) if run_summary.is_file() else {}
+    recon, online = pretraining.get("recon_vs_best_baseline"), pretraining.get("online_probe") or {}
+    probed = probe["encoders"][0]["name"]
     summary = "\n".join([
         "# smit_demo summary",
         "",
         "## Does pretraining help?",
         "",
         "- Fine-tuning (smit_study): " + compare_arms(study["rows"], pretrained, "scratch"),
+        "- Frozen features (smit_probe): " + compare_arms(probe["rows"], probed, "random", key="name").replace(
+            "pretrained", "pretrained encoder"),
+        "- Against the input intensity alone: " + compare_arms(probe["rows"], probed, "intensity", key="name"),
+        ("- Online probe of the teacher during pretraining (k={labelled}): Dice {first:.3f} at step {first_step}, "
+         "{last:.3f} at step {step} ({probes} probe(s), {share:.1%} of the run's time).".format(
+             labelled=ONLINE_PROBE_LABELLED, first=online["first_dice"], first_step=online["first_step"],
+             last=online["dice"], step=online["step"], probes=online.get("probes", 0),
+             share=online.get("share_of_run") or 0.0)
+         if online.get("dice") is not None and online.get("first_dice") is not None else
+         "- Online probe during pretraining: no score logged."),
         ("- Pretraining ended with a reconstruction L1 of {recon_l1:.3f} against {best_baseline_l1:.3f} for its best "
          "trivial predictor ({best_baseline}): ratio {ratio:.2f}.".format(**recon) if recon else
          "- Pretraining logged no reconstruction baseline."),
@@ -310,6 +342,10 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
         f"## Held-out Dice of every arm (from {study_dir / 'study.md'})",
         "",
         report_table(study_dir / "study.md"),
+        "",
+        f"## Linear-probe Dice of the frozen encoders (from {probe_dir / 'probe.md'})",
+        "",
+        report_table(probe_dir / "probe.md"),
         "",
         f"## nnUNetv2_predict on the held-out cases with the best arm, {row['arm']} trained on {row['labelled']} "
         f"labelled cases (seed {row['seed']}, fold {row['fold']})",
@@ -321,6 +357,7 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
         "## Pictures",
         "",
         f"- study plot: {study_dir / 'study.png'}",
+        f"- probe plot: {probe_dir / 'probe.png'}",
         f"- prediction overlay: {overlay}",
         *[f"- pretraining: {p}" for p in pngs],
         "",

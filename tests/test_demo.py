@@ -60,7 +60,8 @@ def test_overlay_is_written(tmp_path):
 
 def test_the_demo_steps_run_and_write_every_table(tmp_path, monkeypatch):
     """The whole demo at smoke size (2 pretraining steps, 6 phantoms, 1 step per arm): every step runs through its
-    public command and the summary holds the verdict, the study table, the prediction table and the pictures.
+    public command and the summary holds the verdicts (study, probe, online probe), the study and probe tables, the
+    prediction table and the pictures.
     The real demo is timed by hand (docs/demo.md), not here."""
     import os
     import sys
@@ -70,11 +71,16 @@ def test_the_demo_steps_run_and_write_every_table(tmp_path, monkeypatch):
     bin_dir = os.path.dirname(sys.executable)  # the commands the demo runs are this environment's
     monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ.get("PATH", ""))
     smoke = DemoSettings(labelled_cases=6, labelled=(1,), seeds=1, epochs=1, iterations_per_epoch=1,
-                         pretrain_args=("--max_steps", "2"), trainer="nnUNetTrainerSMIT_64", baselines=("scratch",))
+                         pretrain_args=("--max_steps", "2"), trainer="nnUNetTrainerSMIT_64", baselines=("scratch",),
+                         probe_seeds=1)
     summary = run_demo(tmp_path / "demo", "cpu", smoke).read_text(encoding="utf-8")
     for heading in ("## Does pretraining help?", "## Held-out Dice of every arm",
-                    "## nnUNetv2_predict on the held-out cases"):
+                    "## Linear-probe Dice of the frozen encoders", "## nnUNetv2_predict on the held-out cases"):
         assert heading in summary, heading
     assert "| scratch |" in summary and "Fine-tuning (smit_study): k=1: pretrained" in summary
-    for picture in ("study/study.png", "overlay.png", "pretrain/plots/loss_curves.png"):
+    assert "| random |" in summary and "| intensity |" in summary
+    assert "Frozen features (smit_probe): k=1: pretrained encoder" in summary
+    assert "Against the input intensity alone: k=1: pretrained" in summary
+    assert "Online probe of the teacher during pretraining (k=1): Dice " in summary
+    for picture in ("study/study.png", "probe/probe.png", "overlay.png", "pretrain/plots/loss_curves.png"):
         assert (tmp_path / "demo" / picture).read_bytes()[:4] == b"\x89PNG", picture
