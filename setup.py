@@ -89,7 +89,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "monai>=1.3", "tensorboard>=2.10"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "monai>=1.3", "tensorboard>=2.10"],
         "tensorboard": ["tensorboard>=2.10"],
     },
     entry_points={
