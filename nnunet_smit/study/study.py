@@ -475,7 +475,7 @@ def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset
         reached = {(r["arm"], r["labelled"], r["seed"]) for r in rows}
         waiting = [r for r in previous_rows if (r["arm"], r["labelled"], r["seed"]) in current - reached
                    and finished(Path(r["results_folder"]))]
-        all_rows = kept_rows + waiting + rows
+        all_rows = [r for r in kept_rows if finished(Path(r["results_folder"]))] + waiting + rows
         report.write_study_json(study_json, header, all_rows)
         report.write_study_md(out / "study.md", header, all_rows, arm_names, labelled, added=added)
         report.plot_study(out / "study.png", all_rows, arm_names,
@@ -489,6 +489,8 @@ def _run_locked(settings: StudySettings, out: Path, datasets: Dict[str, _Dataset
         reasons = stale_reasons(fold_of(fold, arm), subset, arm)
         if reasons:
             stale[(fold, arm.name)] = (reasons, _move_aside(fold_of(fold, arm)))
+    if stale:  # the report says at once that those arms are gone (a run stopped in the first arm leaves it so)
+        write_outputs()
 
     for index, (subset, fold, arm) in enumerate(jobs, start=1):
         arm_results = out / "arms" / arm.name

@@ -357,15 +357,18 @@ def test_an_encoder_re_pretrained_with_another_architecture_retrains_every_fold_
         assert rows[("leaky", k, 0)]["encoder_sha256"] == load_encoder_checkpoint(leaky).sha256
 
 
-def test_sigterm_during_an_arm_ends_like_ctrl_c_and_frees_the_folder(study, capsys, monkeypatch, tmp_path):
-    """A scheduler's stop (SIGTERM) mid-arm: the interrupted line and exit 130, no traceback, the lock released and
-    every row of study.json kept."""
+def test_sigterm_during_an_arm_ends_like_ctrl_c_and_frees_the_folder(study, capsys, monkeypatch):
+    """A scheduler's stop (SIGTERM) during the first arm: the interrupted line and exit 130, no traceback, the lock
+    released, and study.json holds every finished arm, also the scratch arm this command line had not reached yet."""
     import signal
 
     from nnunet_smit.files import FolderLock
     from nnunet_smit.study import study as study_module
 
-    root, dirs, name, argv, _ = study
+    root, dirs, name, argv, leaky = study
+    # the encoder file back at the tiny architecture, with other weights: the leaky fold of k=1 is stale and the
+    # first job trains again, while the scratch twin (the tiny architecture it was trained with) is up to date
+    _encoder(leaky, {})
     before = _rows(root)
     stopped = []
 
@@ -378,14 +381,16 @@ def test_sigterm_during_an_arm_ends_like_ctrl_c_and_frees_the_folder(study, caps
     previous = signal.getsignal(signal.SIGTERM)
     try:
         capsys.readouterr()
-        # a new seed: an arm that has not been trained yet, so the study reaches train_arm
-        assert main(_argv_with(argv, {"--labelled": ["1"], "--baselines": ["scratch"], "--seeds": ["2"]})) == 130
+        assert main(_argv_with(argv, {"--labelled": ["1"], "--baselines": ["scratch"]})) == 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert stopped and err[-1] == "interrupted; rerun the same command to resume (finished arms are kept)."
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert stopped == [True] and err[-1] == "interrupted; rerun the same command to resume (finished arms are kept)."
     assert not any("Traceback" in line for line in err)
+    assert "arm 1 of 2: leaky, k=1, seed 0 (fold 5): the fold on disk is not this arm" in captured.out
     with FolderLock(root / "out" / ".smit_study.lock", "the study folder"):  # released
         pass
-    after = _rows(root)  # every finished arm's row kept, none added
-    assert after.keys() == before.keys() and all(after[key]["dice"] == row["dice"] for key, row in before.items())
+    after = _rows(root)  # the stale leaky fold of this command line went aside; every other finished arm stays
+    assert after.keys() == before.keys() - {("leaky", 1, 0)}
+    assert ("scratch", 1, 0) in after and all(after[key]["dice"] == before[key]["dice"] for key in after)
