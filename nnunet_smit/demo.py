@@ -347,8 +347,8 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
         "",
         report_table(probe_dir / "probe.md"),
         "",
-        f"## nnUNetv2_predict on the held-out cases with the best arm, {row['arm']} trained on {row['labelled']} "
-        f"labelled cases (seed {row['seed']}, fold {row['fold']})",
+        f"## nnUNetv2_predict on the held-out cases with the best arm, {row['arm']} trained on k={row['labelled']} "
+        f"labelled case(s) (seed {row['seed']}, fold {row['fold']})",
         "",
         "| case | " + " | ".join(organ_names) + " | mean |",
         "|---|" + "---|" * (len(organ_names) + 1),
