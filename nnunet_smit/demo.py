@@ -70,7 +70,7 @@ class DemoSettings:
     probe_seeds: int = 3
 
 
-# About 15 minutes on a 2-core CPU (docs/study.md has the measured times).
+# About 21 minutes on a 2-core CPU (docs/demo.md has the measured times).
 # On a CPU: the smallest patch the encoder takes (64^3), and a budget that only shows the chain working.
 CPU_SETTINGS = DemoSettings(labelled_cases=10, labelled=(1, 4), seeds=2, epochs=2, iterations_per_epoch=4,
                             trainer="nnUNetTrainerSMIT_64")
@@ -372,9 +372,9 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="smit_demo",
-        description="The whole chain on generated CT-like phantoms: smit_pretrain, nnU-Net planning, smit_study "
-        "(pretrained vs scratch vs nnU-Net default) and nnUNetv2_predict; about 15 minutes on a 2-core CPU. "
-        "Rerun the same command to resume.",
+        description="The whole chain on generated CT-like phantoms: nnU-Net planning, smit_pretrain with the online "
+        "probe, smit_study (pretrained vs scratch vs nnU-Net default), smit_probe (pretrained vs random vs intensity) and "
+        "nnUNetv2_predict; about 21 minutes on a 2-core CPU. Rerun the same command to resume.",
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="demo folder")
     parser.add_argument("-device", "--device", choices=["cpu", "cuda"],
