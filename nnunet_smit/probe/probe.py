@@ -1,8 +1,9 @@
 """Linear probes of frozen encoders on an nnU-Net dataset: what their features say about the labels, without training
 the encoder.
 
-For every encoder, and the two baselines (``random``: the first encoder's architecture from random init;
-``intensity``: the mapped input voxel alone), a linear voxel classifier (:mod:`nnunet_smit.probe.linear_probe`) is
+For every encoder, and the two baselines (``random``: the first encoder's architecture from random init, with random
+conv blocks where the checkpoint carries pretrained ones, and one more ``random_<name>`` for every later encoder of
+another architecture or other parts; ``intensity``: the mapped input voxel alone), a linear voxel classifier (:mod:`nnunet_smit.probe.linear_probe`) is
 trained on the frozen features (:mod:`nnunet_smit.probe.features`) of nnU-Net patches of k labelled cases
 (:mod:`nnunet_smit.probe.patches`) and scored with nnU-Net's Dice on the held-out cases of ``smit_study``
 (:mod:`nnunet_smit.probe.scoring`). The held-out and labelled cases come from :mod:`nnunet_smit.study.splits`, so a
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from nnunet_smit.architectures import SwinEncoder
-from nnunet_smit.checkpoint import load_encoder_checkpoint
+from nnunet_smit.checkpoint import DecoderParts, load_encoder_checkpoint
 from nnunet_smit.conventions import PretrainPreprocessing
 from nnunet_smit.errors import SMITError
 from nnunet_smit.probe import report
@@ -33,6 +34,7 @@ from nnunet_smit.probe.features import (
     SCALE_SETS,
     FrozenFeatures,
     build_frozen_network,
+    pretrained_scales,
     probe_plans,
     random_encoder,
 )
@@ -82,7 +84,14 @@ class ProbeSettings:
 
 @dataclass
 class ProbedEncoder:
-    """One line of the table: a frozen encoder, the preprocessing it was pretrained with, and the scales it gives."""
+    """One line of the table: a frozen encoder (with the conv blocks its checkpoint carries), the preprocessing it
+    was pretrained with, and the scales it gives.
+
+    Attributes:
+        decoder: the SMITNet decoder (kind, norm) of its conv blocks; None: SMITNet's default.
+        decoder_parts: the pretrained conv blocks loaded into that decoder (None: at the baseline's random init).
+        parts: the checkpoint parts beside the encoder it stands for (``("skips",)`` ...), pretrained or random.
+    """
 
     name: str
     encoder: str  # what the rows report: the checkpoint path, "random" or "intensity"
@@ -90,6 +99,9 @@ class ProbedEncoder:
     preprocessing: PretrainPreprocessing
     scales: Sequence[str]
     sha256: Optional[str] = None
+    decoder: Optional[Tuple[str, str]] = None
+    decoder_parts: Optional[DecoderParts] = None
+    parts: Tuple[str, ...] = ()
 
 
 def _case_sets(case_ids: Sequence[str], labelled: Sequence[int], seeds: int,
@@ -117,13 +129,14 @@ def probe_one_encoder(probed: ProbedEncoder, dataset: Any, configuration: str, s
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = probe_plans(dataset.plans, configuration, probed.module.config, probed.preprocessing, recipe.patch_size)
+    plans = probe_plans(dataset.plans, configuration, probed.module.config, probed.preprocessing, recipe.patch_size,
+                        probed.decoder)
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     label_manager = plans_manager.get_label_manager(dataset.dataset_json)
     data_folder = dataset.preprocessed / configuration_manager.data_identifier
     in_channels = len(dataset.dataset_json.get("channel_names", dataset.dataset_json.get("modality", {"0": ""})))
-    network = build_frozen_network(plans, configuration, in_channels, probed.module).to(device)
+    network = build_frozen_network(plans, configuration, in_channels, probed.module, probed.decoder_parts).to(device)
     features = FrozenFeatures(network, probed.scales)
     patch_size = configuration_manager.patch_size
 
@@ -194,12 +207,15 @@ def probe_encoder(encoder: SwinEncoder, preprocessing: PretrainPreprocessing, da
 
 def _label(path: str, sha256: str, taken: Sequence[str]) -> str:
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).name.split(".")[0]) or "encoder"
-    return f"{label}-{sha256[:8]}" if label in taken or label in BASELINES else label
+    clash = label in taken or label in BASELINES or label.startswith("random_")
+    return f"{label}-{sha256[:8]}" if clash else label
 
 
 def load_encoders(paths: Sequence[str], scales: str) -> List[ProbedEncoder]:
-    """The encoders in table order, then the two baselines built from the first; SMITError for a file that does
-    not load."""
+    """The encoders in table order, then the baselines: ``random`` in the first encoder's architecture (its
+    encoder and the conv blocks its checkpoint carries at random init, read at the same scales), a
+    ``random_<name>`` for every later encoder whose architecture or parts differ, and ``intensity``. SMITError for
+    a file that does not load."""
     if not paths:
         raise SMITError("no encoder to probe: pass --encoder FILE (the baselines are built from the first).")
     if scales not in SCALE_SETS or scales == INPUT_SCALE:
@@ -214,13 +230,22 @@ def load_encoders(paths: Sequence[str], scales: str) -> List[ProbedEncoder]:
             module.load_state_dict(checkpoint.state_dict)
         except (SMITError, RuntimeError) as error:
             raise SMITError(f"--encoder {path} does not load: {str(error).splitlines()[0]}") from None
+        blocks = checkpoint.decoder_parts
+        parts = tuple(blocks.parts) if blocks is not None else ()
         probed.append(ProbedEncoder(_label(resolved, checkpoint.sha256, [p.name for p in probed]), resolved, module,
-                                    checkpoint.preprocessing, SCALE_SETS[scales], checkpoint.sha256))
+                                    checkpoint.preprocessing, pretrained_scales(scales, parts), checkpoint.sha256,
+                                    (blocks.kind, blocks.norm) if blocks is not None else None, blocks, parts))
+    baselines: List[ProbedEncoder] = []
+    for entry in probed:
+        twin = (entry.module.config, entry.decoder, entry.parts)
+        if any((b.module.config, b.decoder, b.parts) == twin for b in baselines):
+            continue
+        name = "random" if not baselines else f"random_{entry.name}"
+        baselines.append(ProbedEncoder(name, name, random_encoder(entry.module.config), entry.preprocessing,
+                                       entry.scales, decoder=entry.decoder, parts=entry.parts))
     first = probed[0]
-    probed.append(ProbedEncoder("random", "random", random_encoder(first.module.config), first.preprocessing,
-                                SCALE_SETS[scales]))
-    probed.append(ProbedEncoder("intensity", "intensity", first.module, first.preprocessing, SCALE_SETS[INPUT_SCALE]))
-    return probed
+    return probed + baselines + [ProbedEncoder("intensity", "intensity", first.module, first.preprocessing,
+                                               SCALE_SETS[INPUT_SCALE])]
 
 
 def run_probe(settings: ProbeSettings) -> Path:
@@ -236,7 +261,7 @@ def run_probe(settings: ProbeSettings) -> Path:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     resolved = PlansManager(dataset.plans).get_configuration(settings.configuration).configuration
-    for entry in probed[:-2]:
+    for entry in (p for p in probed if p.sha256 is not None):
         for warning in clip_range_warnings(intensity_statistics(dataset.plans, resolved), entry.preprocessing,
                                            dataset.name, settings.plans, entry.encoder):
             logger.warning("%s: %s", entry.name, warning.removeprefix("WARNING: "))
@@ -249,7 +274,8 @@ def run_probe(settings: ProbeSettings) -> Path:
         "configuration": settings.configuration, "test_fraction": settings.test_fraction,
         "test_cases": test_cases, "labelled": sorted(set(settings.labelled)), "seeds": settings.seeds,
         "device": settings.device, "recipe": asdict(settings.recipe),
-        "encoders": [{"name": p.name, "encoder": p.encoder, "sha256": p.sha256, "scales": list(p.scales)}
+        "encoders": [{"name": p.name, "encoder": p.encoder, "sha256": p.sha256, "parts": ["encoder", *p.parts],
+                      "pretrained_parts": (["encoder", *p.parts] if p.sha256 else []), "scales": list(p.scales)}
                      for p in probed],
     }
     rows: List[Dict[str, Any]] = []

@@ -237,3 +237,59 @@ def test_a_bad_online_probe_is_one_line_before_the_cache_is_built(planned, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_with_conv_blocks_is_probed_at_its_last_pretrained_blocks_with_a_random_twin(planned, tmp_path):
+    """``--reconstruct_through skips/decoder`` exports: the probe loads the carried blocks as the trainer does and
+    reads their outputs; the random baseline of such a checkpoint has random blocks read at the same scales."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_smit.architectures import SMITNet
+    from nnunet_smit.architectures.decoder import DECODER_PARTS, top_down
+    from nnunet_smit.checkpoint import DecoderParts
+    from nnunet_smit.probe.features import (DECODER_SCALES, ENCODER_SCALES, SKIP_SCALES, FrozenFeatures,
+                                            build_frozen_network, probe_plans)
+    from nnunet_smit.probe.probe import load_encoders
+    from nnunet_smit.study.study import resolve_dataset
+
+    root, dirs, name, encoder_only = planned
+    config = SMITConfig.preset("tiny")
+    torch.manual_seed(3)
+    pretrained = SMITNet(config, 1, 1)  # stands for a pretraining run's encoder and blocks
+    files = {}
+    for parts in (("skips",), ("skips", "decoder")):
+        blocks = {f"decoder.{k}": v for k, v in pretrained.decoder.state_dict().items()
+                  if k.split(".")[0] in {m for p in parts for m in DECODER_PARTS[p]}}
+        files[parts[-1]] = tmp_path / f"with_{parts[-1]}.pt"
+        save_encoder_checkpoint(files[parts[-1]], pretrained.encoder.state_dict(), config,
+                                decoder_parts=DecoderParts(parts, "smit", "instance", blocks))
+    probed = load_encoders([str(encoder_only), str(files["skips"]), str(files["decoder"])], "all")
+    assert [p.name for p in probed] == ["encoder", "with_skips", "with_decoder", "random", "random_with_skips",
+                                        "random_with_decoder", "intensity"]
+    assert [tuple(p.scales) for p in probed[:3]] == [ENCODER_SCALES, SKIP_SCALES, DECODER_SCALES]
+    assert [tuple(p.scales) for p in probed[3:6]] == [ENCODER_SCALES, SKIP_SCALES, DECODER_SCALES]
+    assert [p.parts for p in probed[3:6]] == [(), ("skips",), ("skips", "decoder")]
+    assert all(p.decoder_parts is None for p in probed[3:])
+
+    dataset = resolve_dataset(str(DATASET_ID), "3d_fullres", "nnUNetPlans")
+    with_decoder, random_twin = probed[2], probed[5]
+    plans = probe_plans(dataset.plans, "3d_fullres", config, PretrainPreprocessing(), decoder=with_decoder.decoder)
+    patch = PlansManager(plans).get_configuration("3d_fullres").patch_size
+    x = torch.randn(1, 1, *patch)
+    features = FrozenFeatures(build_frozen_network(plans, "3d_fullres", 1, with_decoder.module,
+                                                   with_decoder.decoder_parts), DECODER_SCALES + SKIP_SCALES)
+    maps = features(x)
+    with torch.no_grad():
+        mapped = features.network.encoder_input(x)
+        out = pretrained.encoder(mapped)
+        blocks = pretrained.decoder
+        expected = top_down(blocks, blocks.encoder1(mapped), out.features, out.bottleneck)
+        expected += [blocks.encoder1(mapped), blocks.encoder2(out.features[0]), blocks.encoder3(out.features[1]),
+                     blocks.encoder4(out.features[2]), out.features[3], blocks.encoder10(out.bottleneck)]
+    assert [m.shape[1] for m in maps] == features.channels()
+    for got, want in zip(maps, expected):
+        assert torch.allclose(got, want, atol=1e-5)
+    random_features = FrozenFeatures(build_frozen_network(plans, "3d_fullres", 1, random_twin.module), DECODER_SCALES)
+    again = FrozenFeatures(build_frozen_network(plans, "3d_fullres", 1, random_twin.module), DECODER_SCALES)
+    assert not torch.allclose(random_features(x)[0], maps[0])
+    assert torch.equal(random_features(x)[0], again(x)[0])  # the same random blocks every time
