@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start student and teacher encoders from these weights instead of random ones (an "
                              "smit_pretrain export, the authors' pre_train_weight.pt, MONAI's SwinViT weights); "
                              "their architecture must be the preset's")
+    parser.add_argument("--drop_path_rate", type=float, metavar="RATE",
+                        help="the student encoder's stochastic depth, linear over its blocks (default: the preset's, "
+                             "0.3 for smit_small as the authors', 0 for tiny); the teacher and the export have none")
     parser.add_argument("--max_steps", type=int, help="stop after N optimisation steps and export")
     parser.add_argument("--epochs", type=int, help=f"epochs of the full schedule (default {_d('epochs')})")
     parser.add_argument("--samples_per_epoch", type=int, help="samples per epoch (default: number of scans)")
@@ -180,6 +183,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         values["init_encoder"] = str(Path(args.init_encoder).expanduser().resolve())
     if args.no_progress:
         values["progress"] = False
+    if args.drop_path_rate is not None:
+        values["encoder_overrides"] = {**values.get("encoder_overrides", {}), "drop_path_rate": args.drop_path_rate}
     return PretrainConfig(**values)
 
 

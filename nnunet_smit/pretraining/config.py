@@ -193,6 +193,8 @@ class PretrainConfig:
             encoder = self.encoder_config()
         except TypeError as error:
             raise SMITError(f"encoder overrides {self.encoder_overrides}: {error}.") from None
+        if not 0.0 <= encoder.drop_path_rate < 1.0:
+            raise SMITError(f"drop_path_rate must be in [0, 1), got {encoder.drop_path_rate}.")
         if self.view_size % encoder.size_divisor:
             raise SMITError(f"view size must be a multiple of {encoder.size_divisor} voxels for preset "
                             f"{self.preset!r}, got {self.view_size}.")

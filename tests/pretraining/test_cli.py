@@ -113,6 +113,17 @@ def test_centering_option_reaches_the_config():
         parser.parse_args(["-o", "x", "--centering", "mean"])
 
 
+def test_drop_path_rate_overrides_the_presets_student_and_is_checked():
+    from nnunet_smit.errors import SMITError
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["-o", "x", "--preset", "smit_small"])).encoder_config().drop_path_rate == 0.3
+    config = config_from_args(parser.parse_args(["-o", "x", "--preset", "smit_small", "--drop_path_rate", "0"]))
+    assert config.encoder_config().drop_path_rate == 0.0 and config.encoder_overrides == {"drop_path_rate": 0.0}
+    with pytest.raises(SMITError, match="drop_path_rate must be in"):
+        config_from_args(parser.parse_args(["-o", "x", "--drop_path_rate", "1.5"]))
+
+
 def test_demo_settings_make_a_valid_run_at_the_demo_spacing_and_explicit_options_override_them():
     parser = build_parser()
     demo = parser.parse_args(["-o", "x", "--demo"])
