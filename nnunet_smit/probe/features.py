@@ -99,8 +99,8 @@ class FrozenFeatures(nn.Module):
     """Frozen multi-scale features of an nnU-Net patch, through the fine-tuning network's own input path.
 
     Args:
-        network: the SMITNet built from the plans (:func:`build_frozen_network`); only its input path and encoder
-            are used.
+        network: the SMITNet built from the plans (:func:`build_frozen_network`); its input path, its encoder and,
+            for the conv blocks' scales, its decoder blocks are used (never its segmentation outputs).
         scales: names from :data:`KNOWN_SCALES`, in the order they are returned (the conv blocks' scales read the
             network's decoder blocks, pretrained or not).
 

@@ -3,11 +3,11 @@ the encoder.
 
 For every encoder, and the two baselines (``random``: the first encoder's architecture from random init, with random
 conv blocks where the checkpoint carries pretrained ones, and one more ``random_<name>`` for every later encoder of
-another architecture or other parts; ``intensity``: the mapped input voxel alone), a linear voxel classifier (:mod:`nnunet_smit.probe.linear_probe`) is
-trained on the frozen features (:mod:`nnunet_smit.probe.features`) of nnU-Net patches of k labelled cases
-(:mod:`nnunet_smit.probe.patches`) and scored with nnU-Net's Dice on the held-out cases of ``smit_study``
-(:mod:`nnunet_smit.probe.scoring`). The held-out and labelled cases come from :mod:`nnunet_smit.study.splits`, so a
-probe and a study of one dataset use the same cases.
+another architecture or other parts; ``intensity``: the mapped input voxel alone), a linear voxel classifier
+(:mod:`nnunet_smit.probe.linear_probe`) is trained on the frozen features (:mod:`nnunet_smit.probe.features`) of
+nnU-Net patches of k labelled cases (:mod:`nnunet_smit.probe.patches`) and scored with nnU-Net's Dice on the held-out
+cases of ``smit_study`` (:mod:`nnunet_smit.probe.scoring`). The held-out and labelled cases come from
+:mod:`nnunet_smit.study.splits`, so a probe and a study of one dataset use the same cases.
 
 :func:`probe_encoder` is the in-memory entry point (an encoder module during pretraining); :func:`run_probe` is
 ``smit_probe``'s.
