@@ -177,11 +177,9 @@ def _preprocess(dataset_id: int, plans_name: str, configurations: List[str], num
 
 def _lead_a_session(function: Callable[..., None], args: tuple) -> None:
     os.setsid()
-    if "fork" in multiprocessing.get_all_start_methods():
-        # A spawned process passes "spawn" on to the pools it starts, and every spawned worker of nnU-Net's (12 list
-        # the raw files) would import this console script, torch and nnU-Net's trainer again: 80 s of a 2-core CPU
-        # for 6 cases instead of 10. Fork, as nnUNetv2_preprocess itself runs on this platform.
-        multiprocessing.set_start_method("fork", force=True)
+    # The pools this process starts are spawned, as it was: forking them from a process that has imported torch
+    # hung a CI run (a forked worker died, and its pool waited for it forever). Spawned workers import this
+    # console script again, which costs time (99 s instead of 24 s for 6 demo cases), not correctness.
     # SIGTERM from run_in_own_session ends this process through SystemExit (no traceback), so that the pools of
     # ``function`` are shut down and their semaphores released: no "leaked semaphore" warning at exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
