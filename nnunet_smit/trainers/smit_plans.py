@@ -29,11 +29,13 @@ import copy
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
+from unittest import mock
 
 from nnunet_smit.checkpoint import load_encoder_checkpoint
 from nnunet_smit.errors import SMITError, run_cli
@@ -169,9 +171,14 @@ def _read_plans(path: Path, what: str, remedy: str) -> Dict[str, Any]:
 
 def _preprocess(dataset_id: int, plans_name: str, configurations: List[str], num_processes: int) -> None:
     """nnU-Net's preprocessing of the variant (in the process :func:`run_in_own_session` starts)."""
+    import nnunetv2.utilities.utils as nnunet_utils
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
-    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's progress prints: stdout holds only the plans' path
+    # nnU-Net lists the raw folder's files through a pool of 12 processes (a fixed number, whatever -np says), twice.
+    # Started from this spawned process, each of them would import torch and nnU-Net again (about a second of CPU and
+    # 0.9 GB each): threads do the same file-name matching here, and -np alone decides the worker processes.
+    with contextlib.redirect_stdout(sys.stderr), \
+            mock.patch.object(nnunet_utils, "Pool", multiprocessing.pool.ThreadPool):
         preprocess_dataset(dataset_id, plans_name, configurations, [num_processes], show_progress_bar=False)
 
 
@@ -179,7 +186,7 @@ def _lead_a_session(function: Callable[..., None], args: tuple) -> None:
     os.setsid()
     # The pools this process starts are spawned, as it was: forking them from a process that has imported torch
     # hung a CI run (a forked worker died, and its pool waited for it forever). Spawned workers import this
-    # console script again, which costs time (99 s instead of 24 s for 6 demo cases), not correctness.
+    # console script again, which costs time, not correctness; _preprocess keeps their number at -np.
     # SIGTERM from run_in_own_session ends this process through SystemExit (no traceback), so that the pools of
     # ``function`` are shut down and their semaphores released: no "leaked semaphore" warning at exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -281,3 +281,24 @@ def test_a_window_without_an_encoder_writes_plans_that_name_no_weights(fake):
                                   (fake["encoder"], (0, 1), "give either --encoder FILE")]:
         with pytest.raises(SMITError, match=re.escape(says)):
             write_smit_plans(str(FAKE_ID), encoder, hu_window=window, preprocess=False)
+
+
+def test_nnunets_file_listing_runs_in_threads_so_np_alone_decides_the_worker_processes(monkeypatch):
+    """nnU-Net lists raw files through a pool of 12 processes whatever -np says; spawned from smit_plan's child,
+    each would import torch again. During smit_plan's preprocessing that pool is a thread pool."""
+    import multiprocessing.pool
+
+    import nnunetv2.experiment_planning.plan_and_preprocess_api as api
+    import nnunetv2.utilities.utils as nnunet_utils
+
+    from nnunet_smit.trainers import smit_plans
+
+    seen = {}
+
+    def preprocess_dataset(dataset_id, plans_name, configurations, num_processes, show_progress_bar):
+        seen.update(pool=nnunet_utils.Pool, num_processes=num_processes)
+
+    monkeypatch.setattr(api, "preprocess_dataset", preprocess_dataset)
+    smit_plans._preprocess(990, "nnUNetPlans_SMIT", ["3d_fullres"], 1)
+    assert seen == {"pool": multiprocessing.pool.ThreadPool, "num_processes": [1]}
+    assert nnunet_utils.Pool is not multiprocessing.pool.ThreadPool  # nnU-Net's own again afterwards
