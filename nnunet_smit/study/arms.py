@@ -85,14 +85,17 @@ def _environment(**values: Optional[str]) -> Iterator[None]:
 def apply_budget(trainer: Any, budget: Budget) -> None:
     """Set the study's budget on a constructed trainer, before ``initialize`` builds optimiser and scheduler.
 
-    Validation iterations follow nnU-Net's 1:5 ratio to training iterations, and a SMIT trainer's warm-up keeps its
-    share of the schedule (50 of 1000 epochs by default), so a shorter budget runs the same recipe compressed.
+    Validation iterations follow nnU-Net's 1:5 ratio to training iterations, and a SMIT trainer's warm-up (and a
+    decoder-first hold) keeps its share of the schedule (50 of 1000 epochs by default), so a shorter budget runs the
+    same recipe compressed.
     """
     own_epochs = trainer.num_epochs
     if budget.epochs is not None:
         trainer.num_epochs = budget.epochs
         if hasattr(trainer, "warmup_epochs"):
             trainer.warmup_epochs = max(1, int(round(trainer.warmup_epochs * budget.epochs / own_epochs)))
+        if getattr(trainer, "decoder_first_epochs", 0) > 0:
+            trainer.decoder_first_epochs = max(1, int(round(trainer.decoder_first_epochs * budget.epochs / own_epochs)))
     if budget.iterations_per_epoch is not None:
         trainer.num_iterations_per_epoch = budget.iterations_per_epoch
         trainer.num_val_iterations_per_epoch = max(1, int(round(budget.iterations_per_epoch * VAL_ITERATIONS_RATIO)))

@@ -91,8 +91,9 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
 
     Recipe (class attributes, so a variant changes one): AdamW (``initial_lr``, ``weight_decay``), linear warm-up
     over ``warmup_epochs`` then ``lr_decay`` ("cosine" or "poly"), layer-wise decay ``layer_decay`` over the
-    encoder (``freeze_encoder`` trains the decoder only), gradient clipping at ``grad_clip_norm``, bf16 autocast
-    on CUDA GPUs that support it, deep supervision at [1, 1/2, 1/4, 1/8, 1/16].
+    encoder (``freeze_encoder`` trains the decoder only; ``decoder_first_epochs`` holds the pretrained parts
+    at first), gradient clipping at ``grad_clip_norm``, bf16 autocast on CUDA GPUs that support it, deep
+    supervision at [1, 1/2, 1/4, 1/8, 1/16].
     """
 
     # --- what a variant changes ----------------------------------------------------------------------------
@@ -108,6 +109,9 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
     lr_decay: str = "cosine"
     layer_decay: float = 0.9
     freeze_encoder: bool = False
+    # decoder-first warm-up (nnUNetTrainerSMITDecoderFirst): the parts the checkpoint carried are held at rate 0 for
+    # this many epochs while the rest trains, then ramp up over as many (0: the whole network warms up together)
+    decoder_first_epochs: int = 0
     grad_clip_norm: float = 1.0
 
     def __init__(
@@ -366,8 +370,32 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             )
         for note in checkpoint.notes:
             self.print_to_log_file(f"SMIT: {note}")
+        if self.decoder_first_epochs > 0:
+            self._hold_pretrained_parts(("encoder",) + (tuple(parts.parts) if parts is not None else ()))
         if self.local_rank == 0:  # nnU-Net's local_rank is the global rank: the one process that writes the log
             self.check_pretraining_leakage(checkpoint)
+
+    def _hold_pretrained_parts(self, pretrained: Sequence[str]) -> None:
+        """Decoder-first warm-up: the optimizer groups of the pretrained parts get ``hold_epochs`` (see
+        :func:`~nnunet_smit.trainers.schedule.hold_factor`); kept in the optimizer's state, so ``--c`` goes on with
+        it. The parts at their initialisation (always the segmentation outputs) train from the first epoch."""
+        names = {"encoder": "encoder", "skips": "skip blocks", "decoder": "upsampling blocks",
+                 "outputs": "segmentation outputs"}
+        parts = [names[part] for part in names if any(group["part"] == part for group in self.optimizer.param_groups)]
+        held = [names[part] for part in names if part in pretrained and names[part] in parts]
+        free = [name for name in parts if name not in held]
+        for group in self.optimizer.param_groups:
+            if group["part"] in pretrained:
+                group["hold_epochs"] = self.decoder_first_epochs
+        epochs = self.decoder_first_epochs
+
+        def span(first: int, last: int) -> str:
+            return f"epoch {first}" if first == last else f"epochs {first}-{last}"
+
+        self.print_to_log_file(
+            f"SMIT: decoder-first warm-up: the pretrained parts ({', '.join(held)}) are held at rate 0 for "
+            f"{span(0, epochs - 1)} while the parts at their initialisation ({', '.join(free)}) train, then ramp up to "
+            f"the schedule's rate over {span(epochs, 2 * epochs - 1)}.")
 
     def check_pretraining_leakage(
         self, checkpoint: EncoderCheckpoint, val_keys: Optional[Sequence[str]] = None
@@ -444,6 +472,7 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
             weight_decay=self.weight_decay,
             layer_decay=0.0 if self.freeze_encoder else self.layer_decay,
             depths=network.encoder.config.depths,
+            split_decoder=self.decoder_first_epochs > 0,
         )
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
         scheduler = EpochLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs, self.lr_decay)
@@ -484,15 +513,23 @@ class nnUNetTrainerSMIT(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.loss(self.network(data), target)
-        parameters = [p for p in self.network.parameters() if p.requires_grad]
+        # parameters held at rate 0 (decoder-first warm-up) get no gradient: AdamW leaves them and their moments
+        # alone (no weight decay either), and they do not count in the clipping norm
+        held = [p for group in self.optimizer.param_groups if group["lr"] == 0 for p in group["params"]]
+        held_ids = {id(p) for p in held}
+        parameters = [p for p in self.network.parameters() if p.requires_grad and id(p) not in held_ids]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
+            for p in held:
+                p.grad = None
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
+            for p in held:
+                p.grad = None
             torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}

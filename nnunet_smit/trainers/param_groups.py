@@ -11,11 +11,14 @@ from typing import Dict, List, Sequence, Tuple
 
 from torch import nn
 
+from nnunet_smit.architectures.decoder import DECODER_PARTS
 from nnunet_smit.architectures.weight_decay import uses_weight_decay
 
 _BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 _STAGE_NORM = re.compile(r"^norm(\d+)\.")
+# Sort keys of the decoder's parts when they are split (higher first, after the encoder's deepest layer).
+_SPLIT_ORDER = {"outputs": 3, "skips": 2, "decoder": 1}
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -46,12 +49,24 @@ def encoder_layer_id(name: str, depths: Sequence[int]) -> int:
     return sum(depths)
 
 
+def decoder_part_of(name: str) -> str:
+    """The part of SMITNet's decoder a parameter (named inside the decoder) belongs to: ``"skips"`` (the blocks on
+    the input and the encoder's skips), ``"decoder"`` (the upsampling blocks), which pretraining may train
+    (:data:`~nnunet_smit.architectures.decoder.DECODER_PARTS`), or ``"outputs"`` (the segmentation outputs)."""
+    module = name.split(".", 1)[0]
+    for part, modules in DECODER_PARTS.items():
+        if module in modules:
+            return part
+    return "outputs"
+
+
 def build_param_groups(
     network: nn.Module,
     weight_decay: float,
     layer_decay: float = 1.0,
     encoder_attribute: str = "encoder",
     depths: Sequence[int] = (2, 2, 4, 2),
+    split_decoder: bool = False,
 ) -> List[Dict]:
     """Optimizer parameter groups with an ``lr_scale`` each (the scheduler multiplies the rate by it).
 
@@ -60,7 +75,11 @@ def build_param_groups(
     embedding ``layer_decay ** (sum(depths) + 1)``; everything outside the encoder (decoder) gets 1. With
     ``layer_decay == 0`` encoder parameters are left out (frozen encoder: the caller sets requires_grad False).
     Parameters with ``requires_grad`` False are left out. The decoder groups come first, so group 0 carries the
-    base rate that nnU-Net logs. Each group has ``name``, ``params``, ``weight_decay``, ``lr_scale``.
+    base rate that nnU-Net logs. Each group has ``name``, ``params``, ``weight_decay``, ``lr_scale`` and ``part``
+    (``"encoder"``; ``"whole_decoder"`` when the decoder is one group).
+
+    ``split_decoder`` puts the decoder's parts (:func:`decoder_part_of`) in groups of their own, segmentation
+    outputs first, so that a schedule can treat the blocks a checkpoint carried apart from the random outputs.
     """
     if layer_decay < 0:
         raise ValueError(f"layer_decay must be >= 0, got {layer_decay}")
@@ -80,10 +99,18 @@ def build_param_groups(
             key = (layer_id, decay)
             scale = layer_decay ** (num_layers - layer_id)
             group_name = f"{encoder_attribute}.layer{layer_id}.{'decay' if decay else 'no_decay'}"
+            part = "encoder"
         else:
-            key = (num_layers, decay)
             scale = 1.0
-            group_name = f"decoder.{'decay' if decay else 'no_decay'}"
+            if split_decoder:
+                part = decoder_part_of(name[len("decoder."):]) if name.startswith("decoder.") else "outputs"
+                # outputs first (the base rate nnU-Net logs), then the skip blocks, then the upsampling blocks
+                key = (num_layers + _SPLIT_ORDER[part], decay)
+                group_name = f"decoder.{part}.{'decay' if decay else 'no_decay'}"
+            else:
+                part = "whole_decoder"
+                key = (num_layers, decay)
+                group_name = f"decoder.{'decay' if decay else 'no_decay'}"
         if key not in groups:
             groups[key] = {
                 "name": group_name,
@@ -91,6 +118,7 @@ def build_param_groups(
                 "param_names": [],
                 "weight_decay": weight_decay if decay else 0.0,
                 "lr_scale": scale,
+                "part": part,
             }
         groups[key]["params"].append(parameter)
         groups[key]["param_names"].append(name)

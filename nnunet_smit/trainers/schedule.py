@@ -46,8 +46,22 @@ def learning_rate_at(
     return max(final_lr, base_lr * (1.0 - progress) ** poly_exponent)
 
 
+def hold_factor(epoch: int, hold_epochs: int) -> float:
+    """The share of the schedule's rate that a held parameter group gets at ``epoch``: 0 for the first
+    ``hold_epochs`` epochs, then a linear ramp over as many epochs (``(epoch - hold + 1) / (hold + 1)``, never 0),
+    then 1. ``hold_epochs`` 0 is 1 throughout. The decoder-first warm-up holds the pretrained parts this way."""
+    hold_epochs = max(int(hold_epochs), 0)
+    epoch = max(int(epoch), 0)
+    if hold_epochs == 0 or epoch >= 2 * hold_epochs:
+        return 1.0
+    if epoch < hold_epochs:
+        return 0.0
+    return (epoch - hold_epochs + 1) / (hold_epochs + 1)
+
+
 class EpochLRScheduler:
-    """Sets every group's rate to ``learning_rate_at(epoch) * group['lr_scale']`` on ``step(epoch)``.
+    """Sets every group's rate to ``learning_rate_at(epoch) * group['lr_scale']`` on ``step(epoch)``, times
+    :func:`hold_factor` for a group with ``hold_epochs`` (kept in the optimizer's state, so ``--c`` restores it).
 
     Holds no state beyond its arguments, so nothing needs checkpointing.
     """
@@ -82,7 +96,7 @@ class EpochLRScheduler:
         self._next_epoch = epoch + 1
         lr = self.lr_at(epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group.get("lr_scale", 1.0) * hold_factor(epoch, group.get("hold_epochs", 0))
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def get_last_lr(self) -> List[float]:

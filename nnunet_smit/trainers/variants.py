@@ -72,6 +72,33 @@ class nnUNetTrainerSMITLightScratch_64(nnUNetTrainerSMITLightScratch):
     fixed_patch_size = (64, 64, 64)
 
 
+class nnUNetTrainerSMITDecoderFirst(nnUNetTrainerSMIT):
+    """Decoder-first warm-up: for the first 50 epochs the parts the checkpoint carried (the encoder, and the skip or
+    decoder blocks of a ``--reconstruct_through`` checkpoint) are held at rate 0 while the parts at their
+    initialisation (always the segmentation outputs) train; over the next 50 the pretrained parts ramp up to the
+    recipe's rate (layer-wise decay kept). The same schedule as nnUNetTrainerSMIT otherwise; its scratch twin is
+    nnUNetTrainerSMITScratch (a random network has nothing to hold)."""
+
+    decoder_first_epochs = 50
+
+
+class nnUNetTrainerSMITDecoderFirst_64(nnUNetTrainerSMITDecoderFirst):
+    """nnUNetTrainerSMITDecoderFirst with a fixed 64^3 patch: CPU-sized studies."""
+
+    fixed_patch_size = (64, 64, 64)
+
+
+class nnUNetTrainerSMITDecoderFirstScratch(nnUNetTrainerSMITScratch):
+    """The scratch twin smit_study derives for nnUNetTrainerSMITDecoderFirst: nnUNetTrainerSMITScratch itself (a
+    random network has no pretrained part to hold)."""
+
+
+class nnUNetTrainerSMITDecoderFirstScratch_64(nnUNetTrainerSMITDecoderFirstScratch):
+    """Random-init baseline of nnUNetTrainerSMITDecoderFirst_64."""
+
+    fixed_patch_size = (64, 64, 64)
+
+
 class _TinyRun:
     """2 epochs of 2 iterations, 1 validation iteration, 1 warm-up epoch, no mirroring (so the final validation
     runs without 8-fold mirror averaging): CPU smoke runs and tests."""

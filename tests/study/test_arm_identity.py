@@ -39,3 +39,18 @@ def test_other_decoder_blocks_beside_the_same_encoder_make_another_arm(tmp_path)
     assert short[weights_a] != short[weights_b]
     scratch = Arm("scratch", "scratch", "nnUNetTrainerSMITScratch", weights="enc.pt")
     assert _arm_inputs(scratch, {"enc.pt": first}) == (None, first.config.to_dict())
+
+
+def test_a_shorter_budget_compresses_the_warm_up_and_the_decoder_first_hold_alike():
+    from types import SimpleNamespace
+
+    from nnunet_smit.study.arms import Budget, apply_budget
+
+    trainer = SimpleNamespace(num_epochs=1000, warmup_epochs=50, decoder_first_epochs=50,
+                              num_iterations_per_epoch=250, num_val_iterations_per_epoch=50)
+    apply_budget(trainer, Budget(epochs=40, iterations_per_epoch=5))
+    assert (trainer.num_epochs, trainer.warmup_epochs, trainer.decoder_first_epochs) == (40, 2, 2)
+    assert (trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (5, 1)
+    whole = SimpleNamespace(num_epochs=1000, warmup_epochs=50, decoder_first_epochs=0)
+    apply_budget(whole, Budget(epochs=40, iterations_per_epoch=None))
+    assert whole.decoder_first_epochs == 0  # the whole-network warm-up stays one

@@ -80,3 +80,16 @@ def test_the_scratch_twin_trains_its_random_encoder_at_one_learning_rate():
     scratch = [getattr(trainers, n) for n in dir(trainers) if "Scratch" in n and n.startswith("nnUNetTrainerSMIT")]
     assert scratch and all(t.layer_decay == 1.0 for t in scratch)
     assert trainers.nnUNetTrainerSMIT.layer_decay < 1.0  # the pretrained encoder keeps its layer-wise decay
+
+
+def test_a_split_decoder_puts_outputs_skips_and_upsampling_blocks_in_groups_of_their_own(network):
+    whole = build_param_groups(network, 0.05, 0.9, depths=CONFIG.depths)
+    split = build_param_groups(network, 0.05, 0.9, depths=CONFIG.depths, split_decoder=True)
+    by_name = _by_name(split)
+    assert by_name["decoder.out.conv.conv.weight"]["part"] == "outputs"
+    assert by_name["decoder.encoder10.layer.conv1.conv.weight"]["part"] == "skips"
+    assert by_name["decoder.decoder1.transp_conv.conv.weight"]["part"] == "decoder"
+    assert by_name["encoder.patch_embed.proj.weight"]["part"] == "encoder"
+    assert split[0]["name"] == "decoder.outputs.decay"  # group 0 carries the base rate nnU-Net logs
+    assert sorted(n for g in split for n in g["param_names"]) == sorted(n for g in whole for n in g["param_names"])
+    assert all(g["lr_scale"] == 1.0 for g in split if g["part"] != "encoder")

@@ -103,3 +103,68 @@ def test_the_scratch_twin_loads_nothing(nnunet_env, tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     trainer._load_pretrained_encoder()
     assert all(torch.equal(v, before[k]) for k, v in trainer.network.state_dict().items())
+
+
+# --- decoder-first warm-up ------------------------------------------------------------------------------------------
+def _train_step_changes(trainer, epoch):
+    """Run one train_step at ``epoch`` on a random 64^3 batch; the names of the parameters it changed."""
+    trainer.lr_scheduler.step(epoch)
+    before = {name: p.detach().clone() for name, p in trainer.network.named_parameters()}
+    trainer.loss = lambda outputs, target: sum(output.float().pow(2).mean() for output in outputs)
+    generator = torch.Generator().manual_seed(epoch)
+    trainer.train_step({"data": torch.randn(1, 1, 64, 64, 64, generator=generator), "target": torch.zeros(1)})
+    return {name for name, p in trainer.network.named_parameters() if not torch.equal(p.detach(), before[name])}
+
+
+def test_decoder_first_holds_every_carried_part_then_ramps_it_up_and_the_outputs_train_throughout(
+        nnunet_env, tmp_path, monkeypatch):
+    from nnunet_smit.trainers import nnUNetTrainerSMITDecoderFirst
+
+    _checkpoint(tmp_path / "skips.pt", ("skips",))
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "skips.pt"))
+    trainer = _trainer_with_network(nnUNetTrainerSMITDecoderFirst)
+    trainer.decoder_first_epochs = 2
+    trainer.num_epochs, trainer.warmup_epochs = 10, 2
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer._load_pretrained_encoder()
+    held = {group["part"] for group in trainer.optimizer.param_groups if group.get("hold_epochs")}
+    assert held == {"encoder", "skips"}  # the upsampling blocks were not carried: they train from the start
+    log = Path(trainer.log_file).read_text()
+    assert "decoder-first warm-up: the pretrained parts (encoder, skip blocks) are held at rate 0 for epochs 0-1" in log
+    assert "(upsampling blocks, segmentation outputs) train" in log
+
+    def carried(name):
+        return name.startswith("encoder.") or name.split(".")[1] in DECODER_PARTS["skips"]
+
+    changed = _train_step_changes(trainer, 0)
+    assert changed and not any(carried(name) for name in changed)
+    assert any(name.startswith("decoder.out") for name in changed)
+    assert any(name.startswith("decoder.decoder1.") for name in changed)
+    rates = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert rates["decoder.skips.decay"] == 0.0 and rates["decoder.outputs.decay"] > 0
+    trainer.lr_scheduler.step(2)  # the first ramp epoch: a third of the schedule's rate
+    rates = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert rates["decoder.skips.decay"] == pytest.approx(rates["decoder.outputs.decay"] / 3)
+    changed = _train_step_changes(trainer, 4)
+    assert any(name.startswith("encoder.layers.") for name in changed)
+    assert any(name.startswith("decoder.encoder1.") for name in changed)
+    # --c: the hold lives in the optimizer's state, so a resumed run keeps holding
+    state = trainer.optimizer.state_dict()
+    resumed = _trainer_with_network(nnUNetTrainerSMITDecoderFirst)
+    resumed.decoder_first_epochs = 2
+    resumed.num_epochs, resumed.warmup_epochs = 10, 2
+    resumed.optimizer, resumed.lr_scheduler = resumed.configure_optimizers()
+    resumed.optimizer.load_state_dict(state)
+    resumed.lr_scheduler.step(1)
+    assert {group["part"] for group in resumed.optimizer.param_groups if group["lr"] == 0} == {"encoder", "skips"}
+
+
+def test_the_whole_network_warm_up_keeps_one_decoder_group_and_holds_nothing(nnunet_env, tmp_path, monkeypatch):
+    _checkpoint(tmp_path / "parts.pt")
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "parts.pt"))
+    trainer = _trainer_with_network(nnUNetTrainerSMIT)
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer._load_pretrained_encoder()
+    assert not any(group.get("hold_epochs") for group in trainer.optimizer.param_groups)
+    assert [g["part"] for g in trainer.optimizer.param_groups[:2]] == ["whole_decoder"] * 2
+    assert "decoder-first" not in Path(trainer.log_file).read_text()

@@ -39,3 +39,19 @@ def test_scheduler_depends_only_on_epoch():
     sched_a.step(5)
     sched_b.step(5)
     assert [g["lr"] for g in opt_a.param_groups] == [g["lr"] for g in opt_b.param_groups]
+
+
+def test_a_held_group_is_at_zero_then_ramps_up_to_the_schedule():
+    from nnunet_smit.trainers.schedule import hold_factor
+
+    assert [hold_factor(e, 3) for e in range(8)] == pytest.approx([0, 0, 0, 0.25, 0.5, 0.75, 1, 1])
+    assert [hold_factor(e, 0) for e in range(3)] == [1.0, 1.0, 1.0]
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr_scale": 1.0},
+                             {"params": [params[1]], "lr_scale": 0.5, "hold_epochs": 2}])
+    scheduler = EpochLRScheduler(opt, 1.0, 10, 0)
+    assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[0]["lr"] == 1.0
+    scheduler.step(2)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * learning_rate_at(2, 1.0, 10, 0) / 3)
+    scheduler.step(4)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * learning_rate_at(4, 1.0, 10, 0))
