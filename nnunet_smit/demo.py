@@ -56,6 +56,8 @@ class DemoSettings:
         trainer: the SMIT trainer of the study (its Scratch twin trains the scratch arm).
         baselines: the study's baselines ("scratch", and "nnunet", nnU-Net's default trainer on its default plans).
         probe_seeds: draws of the labelled cases per number in smit_probe (cheaper than an arm: more seeds).
+        nnunet_labelled: the numbers of labelled cases of nnU-Net's reference arm (None: every one of ``labelled``);
+            its arms join the same study folder through a second ``smit_study`` call.
     """
 
     labelled_cases: int
@@ -68,15 +70,34 @@ class DemoSettings:
     trainer: str = "nnUNetTrainerSMIT"
     baselines: Sequence[str] = ("scratch", "nnunet")
     probe_seeds: int = 3
+    nnunet_labelled: Optional[Sequence[int]] = None
 
 
-# About 21 minutes on a 2-core CPU (docs/demo.md has the measured times).
-# On a CPU: the smallest patch the encoder takes (64^3), and a budget that only shows the chain working.
+# On a CPU: the smallest patch the encoder takes (64^3), a budget that only shows the chain working, and nnU-Net's
+# reference arm (about 2 minutes each, 3x a SMIT arm) at k=1 only; docs/demo.md has the measured times.
 CPU_SETTINGS = DemoSettings(labelled_cases=10, labelled=(1, 4), seeds=2, epochs=2, iterations_per_epoch=4,
-                            trainer="nnUNetTrainerSMIT_64")
+                            trainer="nnUNetTrainerSMIT_64", nnunet_labelled=(1,))
 GPU_SETTINGS = DemoSettings(labelled_cases=20, labelled=(1, 2, 4, 8), seeds=3, epochs=50, iterations_per_epoch=50,
                             pretrain_args=("--epochs", "200", "--samples_per_epoch", "64", "--batch_size", "4"),
                             disable_tta=False)
+
+
+def study_commands(settings: DemoSettings, study_dir: Path, encoder: Path, device: str) -> List[List[str]]:
+    """The ``smit_study`` calls of the demo, into one folder (its report holds every finished arm there): the
+    encoder and its baselines at every k, and, when ``settings.nnunet_labelled`` narrows it, nnU-Net's reference arm
+    at those k alone in a second call (same cases, seeds and budget)."""
+    common = ["smit_study", "-d", str(DATASET_ID), "-o", str(study_dir), "--seeds", str(settings.seeds),
+              "--trainer", settings.trainer, "-p", SMIT_PLANS, "--epochs", str(settings.epochs),
+              "--iterations_per_epoch", str(settings.iterations_per_epoch), "-device", device] + (
+        ["--disable_tta"] if settings.disable_tta else [])
+    narrowed = "nnunet" in settings.baselines and settings.nnunet_labelled is not None \
+        and list(settings.nnunet_labelled) != list(settings.labelled)
+    baselines = [b for b in settings.baselines if not (narrowed and b == "nnunet")]
+    commands = [common + ["--encoder", str(encoder), "--labelled", *map(str, settings.labelled),
+                          "--baselines", *baselines]]
+    if narrowed:
+        commands.append(common + ["--labelled", *map(str, settings.nnunet_labelled), "--baselines", "nnunet"])
+    return commands
 
 
 def _say(message: str) -> None:
@@ -258,15 +279,14 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
                         f"{logs / 'pretrain.log'}.")
     _say(f"  encoder: {encoder}")
 
-    _say("step 3/5: smit_study: pretrained vs scratch" + (" vs nnU-Net default" if "nnunet" in settings.baselines
-                                                          else "") + " on the same labelled cases")
+    nnunet_at = (f" (k={', '.join(map(str, settings.nnunet_labelled))})"
+                 if settings.nnunet_labelled is not None else "")
+    _say("step 3/5: smit_study: pretrained vs scratch" + (f" vs nnU-Net default{nnunet_at}"
+                                                          if "nnunet" in settings.baselines else "")
+         + " on the same labelled cases")
     study_dir = output / "study"
-    command = ["smit_study", "-d", str(DATASET_ID), "-o", str(study_dir), "--encoder", str(encoder),
-               "--labelled", *map(str, settings.labelled), "--seeds", str(settings.seeds),
-               "--trainer", settings.trainer, "-p", SMIT_PLANS, "--baselines", *settings.baselines,
-               "--epochs", str(settings.epochs), "--iterations_per_epoch", str(settings.iterations_per_epoch),
-               "-device", device] + (["--disable_tta"] if settings.disable_tta else [])
-    _run(command, env, logs / "study.log")
+    for number, command in enumerate(study_commands(settings, study_dir, encoder, device)):
+        _run(command, env, logs / ("study.log" if number == 0 else "study_nnunet.log"))
     study = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))
 
     _say("step 4/5: smit_probe: linear probes of the frozen pretrained encoder, a random one and the input "

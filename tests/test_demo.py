@@ -84,3 +84,17 @@ def test_the_demo_steps_run_and_write_every_table(tmp_path, monkeypatch):
     assert "Online probe of the teacher during pretraining (k=1): Dice " in summary
     for picture in ("study/study.png", "probe/probe.png", "overlay.png", "pretrain/plots/loss_curves.png"):
         assert (tmp_path / "demo" / picture).read_bytes()[:4] == b"\x89PNG", picture
+
+
+def test_the_cpu_demo_trains_nnunets_reference_arm_at_k1_only_into_the_same_study(tmp_path):
+    from nnunet_smit.demo import CPU_SETTINGS, GPU_SETTINGS, study_commands
+
+    first, second = study_commands(CPU_SETTINGS, tmp_path / "study", tmp_path / "enc.pt", "cpu")
+    assert first[first.index("--labelled") + 1:first.index("--baselines")] == ["1", "4"]
+    assert first[first.index("--baselines") + 1:] == ["scratch"] and "--encoder" in first
+    assert second[second.index("--labelled") + 1:second.index("--baselines")] == ["1"]
+    assert second[second.index("--baselines") + 1:] == ["nnunet"] and "--encoder" not in second
+    for option in ("-o", "--seeds", "--trainer", "-p", "--epochs", "--iterations_per_epoch"):
+        assert first[first.index(option) + 1] == second[second.index(option) + 1], option  # same folder and budget
+    (only,) = study_commands(GPU_SETTINGS, tmp_path / "study", tmp_path / "enc.pt", "cuda")
+    assert only[only.index("--baselines") + 1:] == ["scratch", "nnunet"]
