@@ -100,6 +100,16 @@ def study_commands(settings: DemoSettings, study_dir: Path, encoder: Path, devic
     return commands
 
 
+def pretrained_arm(rows: Sequence[Dict], encoder: Path) -> str:
+    """The study arm that fine-tuned ``encoder``: found by its rows' encoder file, since the report holds the arms of
+    every call into the folder (``study.json``'s ``arms`` lists only the last call's)."""
+    target = Path(encoder).resolve()
+    for row in rows:
+        if row["encoder"] not in ("scratch", "nnunet") and Path(row["encoder"]).resolve() == target:
+            return row["arm"]
+    raise SMITError(f"the study has no arm of the encoder {encoder}; see its study.md.")
+
+
 def _say(message: str) -> None:
     print(f"[smit_demo] {message}", flush=True)
 
@@ -334,7 +344,7 @@ def run_demo(output: Path, device: str, settings: DemoSettings) -> Path:
     previews = sorted((pretrain_dir / "plots").glob("reconstruction_epoch*.png"))
     pngs = [p for p in [pretrain_dir / "plots" / "loss_curves.png", *previews[-1:]] if p.is_file()]
     organ_names = [n for n, v in ORGAN_LABELS.items() if v]
-    pretrained = study["arms"][0]["name"]
+    pretrained = pretrained_arm(study["rows"], encoder)
     run_summary = pretrain_dir / "run_summary.json"
     pretraining = json.loads(run_summary.read_text(encoding="utf-8")) if run_summary.is_file() else {}
     recon, online = pretraining.get("recon_vs_best_baseline"), pretraining.get("online_probe") or {}

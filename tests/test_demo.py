@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from nnunet_smit.demo import DATASET_NAME, dice_per_class, plot_overlay, write_labelled_dataset
@@ -98,3 +99,15 @@ def test_the_cpu_demo_trains_nnunets_reference_arm_at_k1_only_into_the_same_stud
         assert first[first.index(option) + 1] == second[second.index(option) + 1], option  # same folder and budget
     (only,) = study_commands(GPU_SETTINGS, tmp_path / "study", tmp_path / "enc.pt", "cuda")
     assert only[only.index("--baselines") + 1:] == ["scratch", "nnunet"]
+
+
+def test_the_pretrained_arm_is_found_by_its_encoder_file_whatever_order_the_calls_wrote(tmp_path):
+    from nnunet_smit.demo import pretrained_arm
+    from nnunet_smit.errors import SMITError
+
+    encoder = tmp_path / "pretrain" / "smit_encoder_teacher.pt"
+    rows = [{"arm": "nnunet", "encoder": "nnunet"}, {"arm": "scratch", "encoder": "scratch"},
+            {"arm": "smit_encoder_teacher", "encoder": str(encoder)}]
+    assert pretrained_arm(rows, encoder) == "smit_encoder_teacher"
+    with pytest.raises(SMITError, match="no arm of the encoder"):
+        pretrained_arm(rows[:2], encoder)
