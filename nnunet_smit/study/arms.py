@@ -91,11 +91,14 @@ def apply_budget(trainer: Any, budget: Budget) -> None:
     """
     own_epochs = trainer.num_epochs
     if budget.epochs is not None:
+        def compressed(epochs: int) -> int:
+            return max(1, int(round(epochs * budget.epochs / own_epochs)))
+
         trainer.num_epochs = budget.epochs
         if hasattr(trainer, "warmup_epochs"):
-            trainer.warmup_epochs = max(1, int(round(trainer.warmup_epochs * budget.epochs / own_epochs)))
+            trainer.warmup_epochs = compressed(trainer.warmup_epochs)
         if getattr(trainer, "decoder_first_epochs", 0) > 0:
-            trainer.decoder_first_epochs = max(1, int(round(trainer.decoder_first_epochs * budget.epochs / own_epochs)))
+            trainer.decoder_first_epochs = compressed(trainer.decoder_first_epochs)
     if budget.iterations_per_epoch is not None:
         trainer.num_iterations_per_epoch = budget.iterations_per_epoch
         trainer.num_val_iterations_per_epoch = max(1, int(round(budget.iterations_per_epoch * VAL_ITERATIONS_RATIO)))
